@@ -1,0 +1,21 @@
+"""Full fine-tuning of the multi-task model: backbone and decoders all trainable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from methods.base import MethodConfig, register_method
+
+
+@dataclass(frozen=True)
+class FullFTConfig(MethodConfig):
+    pass
+
+
+@register_method("full_ft", config=FullFTConfig, paper="MTL full fine-tuning (MTLoRA Table 1 baseline)")
+def apply(model: nn.Module, cfg: FullFTConfig) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

@@ -1,0 +1,203 @@
+"""The method registry: a PEFT method is a frozen config dataclass plus a registered ``apply``.
+
+``apply(model, cfg)`` receives a freshly built ``benchmark.model.MultiTaskModel`` (everything trainable)
+and returns the module to train: usually the same model with a frozen backbone and adapters injected;
+``single_task`` returns a different module with the same ``forward(image) -> {task: output}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from benchmark.registry import Registry
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base class of every method config: plain types and tuples only, so ``asdict`` is JSON."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown} for {cls.__name__}; valid: {sorted(names)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce_json(hints[k], v, k) for k, v in data.items()})
+
+    def validate(self, tasks: Sequence[str]) -> None:
+        """Raise ValueError on settings that make no sense for these tasks (override per method)."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config_cls: type[MethodConfig]
+    apply: Callable[[nn.Module, Any], nn.Module]
+    paper: str
+    description: str
+    # substrings of parameter names that count as "adapter" parameters in the breakdown
+    adapter_markers: tuple[str, ...] = ()
+
+    def default_config(self) -> MethodConfig:
+        return self.config_cls()
+
+    def fields(self) -> list[tuple[str, str, Any]]:
+        hints = typing.get_type_hints(self.config_cls)
+        cfg = self.config_cls()
+        return [(f.name, _type_name(hints[f.name]), getattr(cfg, f.name)) for f in dataclasses.fields(self.config_cls)]
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def register_method(
+    name: str,
+    config: type[MethodConfig],
+    paper: str,
+    adapter_markers: Iterable[str] = (),
+) -> Callable[[Callable[[nn.Module, Any], nn.Module]], Callable[[nn.Module, Any], nn.Module]]:
+    """Register ``apply`` under ``name``; its module docstring's first line is the description."""
+
+    def add(fn: Callable[[nn.Module, Any], nn.Module]) -> Callable[[nn.Module, Any], nn.Module]:
+        import sys
+
+        doc = (sys.modules[fn.__module__].__doc__ or fn.__doc__ or "").strip().splitlines()
+        METHODS.add(
+            name,
+            MethodSpec(name, config, fn, paper, doc[0] if doc else "", tuple(adapter_markers)),
+        )
+        return fn
+
+    return add
+
+
+# --------------------------------------------------------------------------- helpers for apply()
+
+
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def unfreeze_matching(module: nn.Module, substrings: Iterable[str]) -> int:
+    """Make trainable every parameter whose name contains one of ``substrings``; returns the count."""
+    subs = tuple(substrings)
+    n = 0
+    for name, p in module.named_parameters():
+        if any(s in name for s in subs):
+            p.requires_grad_(True)
+            n += p.numel()
+    return n
+
+
+# --------------------------------------------------------------------------- --set key=value parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce_json(tp: Any, value: Any, key: str) -> Any:
+    """Turn a JSON value into the field's type (lists -> tuples), checking it on the way."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce_json(a, value, key)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise ValueError(f"field {key!r}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"field {key!r}: expected a list for {_type_name(tp)}, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce_json(args[0], v, key) for v in value)
+        if len(args) != len(value):
+            raise ValueError(f"field {key!r}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce_json(a, v, key) for a, v in zip(args, value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"field {key!r}: expected an object for {_type_name(tp)}, got {value!r}")
+        kt, vt = args or (str, Any)
+        return {_coerce_json(kt, k, key): _coerce_json(vt, v, key) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"field {key!r}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"field {key!r}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"field {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"field {key!r}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"field {key!r}: unsupported field type {_type_name(tp)}")
+
+
+def parse_value(tp: Any, text: str, key: str) -> Any:
+    """Parse one ``--set`` value given as text: JSON if it parses, else a bare string."""
+    origin = typing.get_origin(tp)
+    want_str = tp is str or (origin in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        value: Any = low == "true"
+    elif low in ("none", "null"):
+        value = None
+    else:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        if want_str and not isinstance(value, str):
+            value = text
+    return _coerce_json(tp, value, key)
+
+
+def apply_overrides(cfg: MethodConfig, overrides: Sequence[str]) -> MethodConfig:
+    """Apply ``key=value`` strings to a config; unknown keys and wrong types fail with a clear message."""
+    import difflib
+
+    hints = typing.get_type_hints(type(cfg))
+    names = [f.name for f in dataclasses.fields(cfg)]
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=3)
+            hint = f" did you mean {', '.join(near)}?" if near else ""
+            raise ValueError(
+                f"--set {key}: unknown config field for {type(cfg).__name__};{hint} valid fields: {', '.join(names) or '(none)'}"
+            )
+        try:
+            changes[key] = parse_value(hints[key], text, key)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--set {item}: {e} (field type {_type_name(hints[key])})") from None
+    return dataclasses.replace(cfg, **changes)
