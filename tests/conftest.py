@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MTPEFT_SHARED", ROOT.parent / "shared"))
+FIXTURES = SHARED / "fixtures" / "official_parity"
+
+torch.set_num_threads(int(os.environ.get("MTPEFT_TEST_THREADS", "1")))
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.fail(f"official parity fixtures not found at {FIXTURES} (set MTPEFT_SHARED)")
+    return FIXTURES
