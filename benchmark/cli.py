@@ -1,0 +1,454 @@
+"""``run_benchmark``: train and evaluate a registered method under the protocol.
+
+    run_benchmark --list
+    run_benchmark --method mtlora --preset smoke
+    run_benchmark --method mtlora --preset paper --data PASCAL_MT --pretrained swin_tiny_patch4_window7_224.pth
+    run_benchmark --method mtlora --preset paper --dry-run --json
+    run_benchmark --method mtlora --eval-only --checkpoint FILE --data PASCAL_MT
+    torchrun --nproc_per_node 2 $(which run_benchmark) --method lora --preset smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class UsageError(ValueError):
+    """Bad command-line input; printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_benchmark",
+        description="Train and evaluate a PEFT method under the PASCAL-Context multi-task protocol (MTLoRA, CVPR 2024).",
+    )
+    p.add_argument("--list", action="store_true", help="list the registered methods with their config fields")
+    p.add_argument("--method", nargs="+", metavar="NAME", help="registered method name(s)")
+    p.add_argument("--preset", default="paper", help="paper (the protocol exactly) or smoke (tiny, CPU, debug)")
+    p.add_argument("--protocol", default="pascal-context", help="protocol name (default: pascal-context)")
+    p.add_argument("--data", type=Path, help="dataset root in the PASCAL_MT layout (smoke: generated when omitted)")
+    p.add_argument("--pretrained", type=Path, help="Swin ImageNet weights (timm or original Swin release format)")
+    p.add_argument("--work-dir", type=Path, help="output folder (default: work_dirs/<run id>)")
+    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds (one run each)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="method config overrides")
+    p.add_argument("--epochs", type=int, help="override the number of epochs (a shortened run is marked debug)")
+    p.add_argument("--select", choices=["final", "best"], default="final", help="which validation is reported")
+    p.add_argument("--resume", action="store_true", help="continue from the last good checkpoint in the work dir")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint without training")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint to evaluate (this harness's or the official code's)")
+    p.add_argument("--dry-run", action="store_true", help="build the model, print the parameter breakdown, exit")
+    p.add_argument("--json", action="store_true", help="machine-readable output (with --dry-run / --list)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--workers", type=int, help="data-loader workers per process")
+    p.add_argument("--amp-dtype", choices=["float16", "bfloat16", "none"], default="float16", help="AMP on CUDA")
+    p.add_argument("--dist-timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
+    return p
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _env_info(device: str) -> dict[str, Any]:
+    import mmengine
+    import peft
+    import timm
+    import torch
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "peft": peft.__version__,
+        "mmengine": mmengine.__version__,
+        "device": device,
+        "host_cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count() or 0,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        info["git_sha"] = sha.stdout.strip() or "unknown"
+        info["git_dirty"] = bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        info["git_sha"], info["git_dirty"] = "unknown", None
+    return info
+
+
+def _print_list(as_json: bool) -> None:
+    from methods import METHODS
+
+    rows = []
+    for name in METHODS.names():
+        spec = METHODS.get(name)
+        rows.append(
+            {
+                "name": name,
+                "paper": spec.paper,
+                "description": spec.description,
+                "fields": [{"name": n, "type": t, "default": d} for n, t, d in spec.fields()],
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    for r in rows:
+        print(f"{r['name']}  ({r['paper']})")
+        if r["description"]:
+            print(f"    {r['description']}")
+        for f in r["fields"]:
+            print(f"    --set {f['name']}=...  [{f['type']}]  default {json.dumps(f['default'], default=str)}")
+
+
+def _init_distributed(device: str, timeout_s: float) -> tuple[int, int]:
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _resolve_device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    return choice
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def build_net(spec: Any, method_cfg: Any, model_cfg: Any, pretrained: Path | None) -> Any:
+    """Build the multi-task model, load pretrained Swin weights, then apply the method."""
+    from benchmark.model import MultiTaskModel
+
+    net = MultiTaskModel(model_cfg)
+    if pretrained is not None:
+        from benchmark.official import load_pretrained_backbone
+
+        report = load_pretrained_backbone(net.backbone, pretrained)
+        print(f"pretrained: {report}", file=sys.stderr)
+    return spec.apply(net, method_cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("run_benchmark: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, KeyError, FileNotFoundError, NotADirectoryError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"run_benchmark: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.list:
+        _print_list(args.json)
+        return 0
+    if not args.method:
+        raise UsageError("--method is required (see --list)")
+
+    from benchmark.presets import PRESETS, resolve
+    from benchmark.protocol import get_protocol
+    from methods import METHODS
+    from methods.base import apply_overrides
+
+    if len(args.method) > 1:
+        raise UsageError("one --method per run; sweeps over several methods are not supported yet")
+    protocol = get_protocol(args.protocol)
+    if args.preset not in PRESETS:
+        raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}")
+    settings = resolve(protocol, PRESETS[args.preset], args.epochs)
+    spec = METHODS.get(args.method[0])
+    method_cfg = apply_overrides(spec.default_config(), args.set)
+    tasks = protocol.task_names
+    method_cfg.validate(tasks)
+
+    from benchmark.model import model_config_for
+
+    model_cfg = model_config_for(
+        settings.backbone,
+        {t.name: t.out_channels for t in protocol.tasks},
+        img_size=settings.image_size,
+        drop_path_rate=protocol.drop_path_rate,
+        decoder_channels=protocol.decoder_channels,
+        head_channels=protocol.head_channels,
+    )
+    if args.pretrained is not None and not args.pretrained.is_file():
+        raise FileNotFoundError(f"--pretrained {args.pretrained}: file not found")
+
+    if args.dry_run:
+        return _dry_run(args, spec, method_cfg, model_cfg, settings, protocol)
+
+    if args.eval_only and args.checkpoint is None:
+        raise UsageError("--eval-only needs --checkpoint FILE")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: file not found")
+    if args.data is not None and not args.data.is_dir():
+        raise FileNotFoundError(f"--data {args.data}: dataset folder not found")
+    if args.data is None and not settings.synthetic_train:
+        raise UsageError(
+            f"--data DIR is required with --preset {settings.preset} (download with `benchmark-data fetch`)"
+        )
+
+    device = _resolve_device(args.device)
+    rank, world = _init_distributed(device, args.dist_timeout)
+    if settings.batch_size % world:
+        raise UsageError(f"batch size {settings.batch_size} is not divisible by {world} processes")
+
+    from benchmark.results import make_run_id
+
+    status_code = 0
+    for seed in args.seed:
+        run_id = make_run_id(protocol.name, protocol.version, spec.name, method_cfg.to_dict(), [seed])
+        work_dir = args.work_dir or (Path("work_dirs") / run_id)
+        if len(args.seed) > 1:
+            work_dir = work_dir / f"seed{seed}"
+        code = _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_dir, device, rank, world)
+        status_code = max(status_code, code)
+    return status_code
+
+
+def _dry_run(args, spec, method_cfg, model_cfg, settings, protocol) -> int:
+    from benchmark.params import count_parameters
+
+    net = build_net(spec, method_cfg, model_cfg, None)
+    counts = count_parameters(net, spec.adapter_markers)
+    out = {
+        "method": spec.name,
+        "config": method_cfg.to_dict(),
+        "protocol": {"name": protocol.name, "version": protocol.version},
+        "preset": settings.preset,
+        "backbone": settings.backbone,
+        "image_size": settings.image_size,
+        "params": counts,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{spec.name} on {settings.backbone} at {settings.image_size}px ({protocol.id}), config {out['config']}")
+        for k, label in (
+            ("decoders", "decoders"),
+            ("adapter", "adapter / LoRA"),
+            ("other_trainable_backbone", "other trainable backbone"),
+            ("trainable", "total trainable"),
+            ("total", "total"),
+        ):
+            print(f"  {label:<26}{counts[k]:>14,}")
+    return 0
+
+
+def _prepare_data(args, settings, work_dir: Path, rank: int) -> Path:
+    if args.data is not None:
+        return args.data
+    from benchmark.synth import make_synthetic_dataset
+
+    root = work_dir / "synthetic_data"
+    if rank == 0 and not (root / "ImageSets").is_dir():
+        make_synthetic_dataset(root, settings.synthetic_train, settings.synthetic_val, seed=0)
+    _barrier()
+    return root
+
+
+def _barrier() -> None:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_dir, device, rank, world) -> int:
+    import torch
+    from mmengine.runner import set_random_seed
+
+    from benchmark import engine
+    from benchmark.dataset import PascalMT, build_transforms, collate
+    from benchmark.losses import MultiTaskLoss
+    from benchmark.metrics import build_meters
+    from benchmark.params import count_parameters
+    from benchmark.results import RunResult, make_run_id
+
+    tasks = protocol.task_names
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    data_root = _prepare_data(args, settings, work_dir, rank)
+    workers = settings.workers if args.workers is None else args.workers
+    val_ds = PascalMT(data_root, protocol.val_split, tasks, build_transforms(settings.image_size, train=False, seed=seed))
+    train_ds = None
+    if not args.eval_only:
+        train_ds = PascalMT(
+            data_root, protocol.train_split, tasks, build_transforms(settings.image_size, train=True, seed=seed)
+        )
+
+    set_random_seed(seed)  # same initialisation of new (LoRA, decoder) weights on every rank
+    net = build_net(spec, method_cfg, model_cfg, args.pretrained).to(device)
+    params = count_parameters(net, spec.adapter_markers)
+    loss_fn = MultiTaskLoss(protocol.tasks)
+    meters = build_meters(tasks)
+    per_proc_batch = settings.batch_size // world
+    run_id = make_run_id(protocol.name, protocol.version, spec.name, method_cfg.to_dict(), [seed])
+    meta = {
+        "run_id": run_id,
+        "method": spec.name,
+        "method_config": method_cfg.to_dict(),
+        "protocol": protocol.id,
+        "backbone": settings.backbone,
+        "image_size": settings.image_size,
+        "seed": seed,
+    }
+    setup = engine.EngineSetup(
+        net=net,
+        loss_fn=loss_fn,
+        meters=meters,
+        protocol=protocol,
+        tasks=tasks,
+        work_dir=work_dir,
+        seed=seed,
+        device=device,
+        val_dataset=val_ds,
+        train_dataset=train_ds,
+        batch_size=per_proc_batch,
+        val_batch_size=per_proc_batch,
+        epochs=settings.epochs,
+        val_interval=settings.val_interval,
+        workers=workers,
+        amp_dtype=None if args.amp_dtype == "none" else args.amp_dtype,
+        clip_grad=protocol.clip_grad,
+        weight_decay=protocol.weight_decay,
+        betas=protocol.betas,
+        eps=protocol.eps,
+        resume=args.resume,
+        log_interval=settings.log_interval,
+        meta=meta,
+        collate_fn=collate,
+    )
+    notes: list[str] = []
+    status = "debug" if settings.debug else "success"
+    if settings.debug:
+        notes.append(f"preset {settings.preset} / shortened schedule: not the protocol, never tabled")
+    t_start = time.time()
+    failed = None
+    if args.eval_only:
+        _load_for_eval(net, args.checkpoint, spec)
+        rule = {"rule": "checkpoint", "epoch": None, "iteration": None, "checkpoint": str(args.checkpoint)}
+        outcome = engine.evaluate(setup)
+        entry = outcome.history[-1]
+    else:
+        iters = engine.steps_per_epoch(len(train_ds), per_proc_batch, world)
+        setup.schedule = engine.make_schedule(
+            protocol,
+            settings.batch_size,
+            iters,
+            settings.epochs,
+            peak_lr=settings.peak_lr,
+            warmup_epochs=settings.warmup_epochs,
+        )
+        try:
+            outcome = engine.train(setup)
+        except engine.NonFiniteLossError as e:
+            failed = str(e)
+            outcome = None
+        if outcome is not None:
+            entry, rule = _select(outcome.history, args.select)
+    if failed is not None:
+        print(f"run_benchmark: {failed}", file=sys.stderr)
+        status = "failed"
+        notes.append(failed)
+        entry = {"metrics": {}, "delta_m": None}
+        rule = {"rule": args.select, "epoch": None, "iteration": None}
+        outcome = None
+    metrics = entry["metrics"]
+    cost: dict[str, Any] = {"wall_seconds": time.time() - t_start}
+    if outcome is not None:
+        cost.update(
+            train_seconds=outcome.train_seconds,
+            eval_seconds=outcome.eval_seconds,
+            peak_mem_bytes=outcome.peak_mem_bytes,
+            train_images_per_s=(outcome.train_images / outcome.train_compute_s) if outcome.train_compute_s else 0.0,
+        )
+        if outcome.resumed_from:
+            notes.append(f"resumed from {outcome.resumed_from}")
+    result = RunResult(
+        run_id=run_id,
+        status=status,
+        protocol={"name": protocol.name, "version": protocol.version},
+        method={"name": spec.name, "config": method_cfg.to_dict()},
+        seeds=[seed],
+        preset=settings.preset,
+        metrics=metrics,
+        delta_m={"value": entry.get("delta_m"), "reference": protocol.reference},
+        params=params,
+        selection=rule,
+        cost=cost,
+        env={**_env_info(device), "world_size": world, "backbone": settings.backbone, "image_size": settings.image_size},
+        notes=notes,
+    )
+    if rank == 0:
+        path = result.write(work_dir / "result.json")
+        dm = entry.get("delta_m")
+        dm_s = f"{dm:+.2f}%" if isinstance(dm, float) else "n/a"
+        summary = ", ".join(
+            f"{t} {protocol.task(t).metric} {metrics[t][protocol.task(t).metric]:.4f}" for t in tasks if t in metrics
+        )
+        print(f"[{status}] {run_id}: Δm {dm_s}; {summary}; trainable {params['trainable']:,}; result: {path}")
+    return 1 if status == "failed" else 0
+
+
+def _select(history: list[dict[str, Any]], rule: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not history:
+        raise RuntimeError("training finished without any validation")
+    if rule == "best":
+        scored = [h for h in history if h.get("delta_m") is not None]
+        best = max(scored, key=lambda h: h["delta_m"]) if scored else history[-1]
+        return best, {"rule": "best", "epoch": best["epoch"], "iteration": best["iteration"], "note": "best Δm on val"}
+    last = history[-1]
+    return last, {"rule": "final", "epoch": last["epoch"], "iteration": last["iteration"]}
+
+
+def _load_for_eval(net: Any, path: Path, spec: Any) -> None:
+    from benchmark import engine
+
+    ckpt = engine.load_checkpoint_file(path)
+    if engine.is_own_checkpoint(ckpt):
+        if ckpt.get("method") not in (None, spec.name):
+            raise engine.CheckpointError(f"{path}: checkpoint of method {ckpt.get('method')!r}, not {spec.name!r}")
+        engine.load_model_state(net, ckpt, str(path))
+        return
+    from benchmark.official import load_official_state_dict
+
+    report = load_official_state_dict(net, ckpt.get("model", ckpt))
+    print(f"official checkpoint {path}: {report}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

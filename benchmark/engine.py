@@ -1,0 +1,643 @@
+"""Runner glue: the only module that imports mmengine.
+
+MMEngine's ``Runner`` does the loop, hooks, logging, LR schedule, AMP and DDP wrapping. What is ours:
+
+- ``EngineModel`` adapts ``MultiTaskModel`` + ``MultiTaskLoss`` to mmengine's ``BaseModel`` and stops the run
+  on a non-finite loss before any weight is touched;
+- ``EngineMetric`` feeds our pure ``(stats, reduce)`` meters, one entry per image, so mmengine's result
+  collection over ranks (pad + interleave + truncate) gives exactly the single-process metrics;
+- checkpoints are our own files (trainable weights + buffers + optimizer + schedulers + RNG), written
+  atomically and loaded with ``weights_only=True``: mmengine 0.10.7 cannot reload its own checkpoints
+  under torch >= 2.6, and a PEFT checkpoint should not carry a frozen backbone;
+- ``EpochSampler`` shards a seeded per-epoch permutation over ranks after dropping the global remainder,
+  so every sample is seen at most once per epoch across processes and all ranks run the same number
+  of iterations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mmengine.dist import get_dist_info
+from mmengine.evaluator import BaseMetric, Evaluator
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.model import BaseModel
+from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR, OptimWrapper
+from mmengine.runner import Runner
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from benchmark.protocol import Protocol, delta_m, get_reference, table_value
+from benchmark.results import atomic_write_bytes
+
+CKPT_FORMAT = "mtpeft-checkpoint"
+CKPT_VERSION = 1
+CKPT_PATTERN = re.compile(r"^epoch_(\d+)\.pth$")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised before the optimizer step when the loss is NaN or infinite."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
+# --------------------------------------------------------------------------- model and metric adapters
+
+
+class EngineModel(BaseModel):
+    def __init__(self, net: nn.Module, loss_fn: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.loss_fn = loss_fn
+        self._is_init = True  # never let mmengine re-initialise (timm's Swin has an init_weights)
+        self.current_iter = 0
+
+    def forward(self, image: Tensor, mode: str = "tensor", meta: Any = None, **targets: Tensor) -> Any:
+        out = self.net(image)
+        if mode == "loss":
+            losses = self.loss_fn(out, targets)
+            logged = {f"l_{t}": v.detach() for t, v in losses.items() if t != "total"}
+            return {"loss": losses["total"], **logged}
+        if mode == "predict":
+            n = image.shape[0]
+            return [{t: (out[t][i : i + 1], targets[t][i : i + 1]) for t in out} for i in range(n)]
+        return out
+
+    def parse_losses(self, losses: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        total = losses["loss"]
+        if not torch.isfinite(total).all():
+            terms = ", ".join(f"{k[2:]}={float(v):.6g}" for k, v in losses.items() if k.startswith("l_"))
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {self.current_iter}: total={float(total):.6g} ({terms}); "
+                "the run stops, the last good checkpoint is kept"
+            )
+        log_vars = {"loss": total.detach(), **{k: v for k, v in losses.items() if k != "loss"}}
+        return total, log_vars
+
+
+class EngineMetric(BaseMetric):
+    """Per-image statistics of our meters; reduced once at the end (DDP-safe through mmengine)."""
+
+    def __init__(self, meters: Mapping[str, Any]) -> None:
+        super().__init__(collect_device="cpu")
+        self.meters = dict(meters)
+
+    def process(self, data_batch: Any, data_samples: Sequence[dict[str, tuple[Tensor, Tensor]]]) -> None:
+        for sample in data_samples:
+            stats = {}
+            for t, (logits, target) in sample.items():
+                s = self.meters[t].stats(logits.float(), target)
+                stats[t] = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in s.items()}
+            self.results.append(stats)
+
+    def compute_metrics(self, results: list) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for t, meter in self.meters.items():
+            for k, v in meter.reduce([r[t] for r in results]).items():
+                out[f"{t}/{k}"] = float(v)
+        return out
+
+
+def split_metrics(flat: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for key, v in flat.items():
+        if "/" in key:
+            t, m = key.split("/", 1)
+            out.setdefault(t, {})[m] = float(v)
+    return out
+
+
+def compute_delta_m(metrics: Mapping[str, Mapping[str, float]], protocol: Protocol, tasks: Sequence[str]) -> float:
+    ref = get_reference(protocol.reference)
+    specs = [protocol.task(t) for t in tasks]
+    scores = {s.name: table_value(s, metrics[s.name][s.metric]) for s in specs}
+    return delta_m(scores, ref.values, specs)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class EpochSampler(Sampler[int]):
+    """Seeded per-epoch shuffle, global remainder dropped, then sharded ``rank::world``."""
+
+    def __init__(self, dataset_len: int, batch_size: int, seed: int, shuffle: bool = True) -> None:
+        self.n = dataset_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank, self.world = get_dist_info()
+        self.epoch = 0
+        self.per_rank = (self.n // (batch_size * self.world)) * batch_size
+        if self.per_rank == 0:
+            raise ValueError(
+                f"{self.n} training images cannot fill one batch of {batch_size} per process on {self.world} "
+                "process(es); use a smaller batch or more data"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        order = order[: self.per_rank * self.world]
+        return iter(order[self.rank :: self.world])
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def trainable_state(net: nn.Module) -> dict[str, Tensor]:
+    """Trainable parameters plus every buffer (BatchNorm statistics): all a resume needs."""
+    keep = {n for n, p in net.named_parameters() if p.requires_grad}
+    keep |= {n for n, _ in net.named_buffers()}
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k in keep}
+
+
+def frozen_fingerprint(net: nn.Module) -> str:
+    """sha256 over the frozen parameters: a checkpoint only fits the model it was trained from."""
+    h = hashlib.sha256()
+    for n, p in sorted(net.named_parameters()):
+        if not p.requires_grad:
+            h.update(n.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    np_state = np.random.get_state()
+    state["numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    state["numpy_pos"] = int(np_state[2])
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle error, ...
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(data).__name__}")
+    return data
+
+
+def is_own_checkpoint(data: Mapping[str, Any]) -> bool:
+    return data.get("format") == CKPT_FORMAT
+
+
+def load_model_state(net: nn.Module, ckpt: Mapping[str, Any], source: str) -> None:
+    """Load one of our checkpoints into a freshly built model of the same method and config."""
+    if ckpt.get("version") != CKPT_VERSION:
+        raise CheckpointError(f"{source}: checkpoint version {ckpt.get('version')!r}, expected {CKPT_VERSION}")
+    state = ckpt["model"]
+    own = net.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} checkpoint key(s) do not exist in this model "
+            f"(another method or architecture?), e.g. {unexpected[:3]}"
+        )
+    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(
+            f"{source}: shape mismatch for {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        )
+    expected = {n for n, p in net.named_parameters() if p.requires_grad}
+    missing = sorted(expected - set(state))
+    if missing:
+        raise CheckpointError(f"{source}: trainable parameter(s) missing from the checkpoint, e.g. {missing[:3]}")
+    fp = ckpt.get("frozen_fingerprint")
+    if fp is not None and fp != frozen_fingerprint(net):
+        raise CheckpointError(
+            f"{source}: the frozen weights of this model differ from those the checkpoint was trained on "
+            "(build it with the same --pretrained file and seed)"
+        )
+    net.load_state_dict(state, strict=False)
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    found = []
+    for p in ckpt_dir.glob("epoch_*.pth"):
+        m = CKPT_PATTERN.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+class BenchmarkHook(Hook):
+    """Epoch seeding of the data, checkpoints, resume, validation history and timing."""
+
+    priority = "LOW"
+
+    def __init__(
+        self,
+        engine_model: EngineModel,
+        ckpt_dir: Path,
+        meta: dict[str, Any],
+        protocol: Protocol,
+        tasks: Sequence[str],
+        ckpt_interval: int = 1,
+        keep: int = 2,
+        resume: bool = False,
+    ) -> None:
+        self.engine_model = engine_model
+        self.ckpt_dir = ckpt_dir
+        self.meta = meta
+        self.protocol = protocol
+        self.tasks = tuple(tasks)
+        self.ckpt_interval = ckpt_interval
+        self.keep = keep
+        self.resume = resume
+        self.history: list[dict[str, Any]] = []
+        self.resumed_from: str | None = None
+        self.train_compute_s = 0.0
+        self.train_images = 0
+        self._t0 = 0.0
+        self._fingerprint = ""
+        self._training = False
+
+    # -- resume
+    def after_train(self, runner: Runner) -> None:
+        self._training = False
+
+    def before_train(self, runner: Runner) -> None:
+        self._training = True
+        self._fingerprint = frozen_fingerprint(self.engine_model.net)
+        if not self.resume:
+            return
+        for path in reversed(list_checkpoints(self.ckpt_dir)):
+            try:
+                ckpt = load_checkpoint_file(path)
+                if not is_own_checkpoint(ckpt):
+                    raise CheckpointError(f"{path}: not a checkpoint of this harness")
+                load_model_state(self.engine_model.net, ckpt, str(path))
+            except CheckpointError as e:
+                print_log(f"resume: skipping unusable checkpoint: {e}", logger="current", level=logging.WARNING)
+                continue
+            runner.optim_wrapper.load_state_dict(ckpt["optimizer"])
+            for sched, state in zip(runner.param_schedulers, ckpt["schedulers"]):
+                sched.load_state_dict(state)
+            runner.train_loop._epoch = ckpt["epoch"]
+            runner.train_loop._iter = ckpt["iter"]
+            self.history = list(ckpt.get("history", []))
+            self.train_compute_s = float(ckpt.get("train_compute_s", 0.0))
+            self.train_images = int(ckpt.get("train_images", 0))
+            _set_rng_state(ckpt["rng"])
+            self.resumed_from = str(path)
+            print_log(f"resumed from {path} (epoch {ckpt['epoch']}, iteration {ckpt['iter']})", logger="current")
+            return
+        print_log("resume: no usable checkpoint found, starting from scratch", logger="current", level=logging.WARNING)
+
+    # -- per epoch / iteration
+    def before_train_epoch(self, runner: Runner) -> None:
+        ds = runner.train_dataloader.dataset
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(runner.epoch)
+
+    def before_train_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None) -> None:
+        self.engine_model.current_iter = runner.iter
+        self._t0 = time.perf_counter()
+
+    def after_train_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.train_compute_s += time.perf_counter() - self._t0
+        _, world = get_dist_info()
+        self.train_images += int(data_batch["image"].shape[0]) * world
+
+    def after_train_epoch(self, runner: Runner) -> None:
+        epoch = runner.epoch + 1  # mmengine increments the epoch after this hook
+        if not self._val_due(runner, epoch):
+            self._maybe_save(runner, epoch)
+
+    def _val_due(self, runner: Runner, epoch: int) -> bool:
+        loop = runner.train_loop
+        return runner.val_loop is not None and epoch >= loop.val_begin and (
+            epoch % loop.val_interval == 0 or epoch == loop.max_epochs
+        )
+
+    def _maybe_save(self, runner: Runner, epoch: int) -> None:
+        """Checkpoint at the end of an epoch, after its validation if one is due, so that a resumed run
+        replays exactly what an uninterrupted one does (history and RNG state included)."""
+        if epoch % self.ckpt_interval and epoch != runner.max_epochs:
+            return
+        rank, _ = get_dist_info()
+        if rank != 0:
+            return
+        payload = {
+            "format": CKPT_FORMAT,
+            "version": CKPT_VERSION,
+            **self.meta,
+            "model": trainable_state(self.engine_model.net),
+            "frozen_fingerprint": self._fingerprint,
+            "optimizer": runner.optim_wrapper.state_dict(),
+            "schedulers": [s.state_dict() for s in runner.param_schedulers],
+            "epoch": epoch,
+            "iter": runner.iter,
+            "rng": _rng_state(),
+            "history": self.history,
+            "train_compute_s": self.train_compute_s,
+            "train_images": self.train_images,
+        }
+        save_checkpoint(self.ckpt_dir / f"epoch_{epoch}.pth", payload)
+        for old in list_checkpoints(self.ckpt_dir)[: -self.keep]:
+            old.unlink(missing_ok=True)
+
+    def after_val_epoch(self, runner: Runner, metrics: dict[str, float] | None = None) -> None:
+        m = split_metrics(metrics or {})
+        entry: dict[str, Any] = {"epoch": runner.epoch, "iteration": runner.iter, "metrics": m}
+        try:
+            entry["delta_m"] = compute_delta_m(m, self.protocol, self.tasks)
+        except KeyError:
+            entry["delta_m"] = None
+        self.history.append(entry)
+        if entry["delta_m"] is not None:
+            print_log(f"validation after epoch {runner.epoch}: Δm = {entry['delta_m']:+.3f}%", logger="current")
+        if self._training:  # runner.epoch is already the number of finished epochs here
+            self._maybe_save(runner, runner.epoch)
+
+
+# --------------------------------------------------------------------------- optimiser and schedule
+
+
+def param_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The official grouping: no decay on 1-D parameters and biases, decay on everything else."""
+    decay, no_decay = [], []
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class Schedule:
+    peak_lr: float
+    warmup_lr: float
+    min_lr: float
+    warmup_iters: int
+    total_iters: int
+
+    def schedulers(self, optim_wrapper: OptimWrapper) -> list[Any]:
+        """Linear warm-up then per-iteration cosine, as timm's CosineLRScheduler(warmup_prefix=True)."""
+        out: list[Any] = []
+        w = min(self.warmup_iters, self.total_iters)
+        if w > 0:
+            out.append(
+                LinearLR(
+                    optim_wrapper,
+                    start_factor=self.warmup_lr / self.peak_lr,
+                    end_factor=1.0,
+                    by_epoch=False,
+                    begin=0,
+                    end=w + 1,  # mmengine reaches end_factor at step end-1; timm at step warmup_t
+                )
+            )
+        if self.total_iters > w:
+            out.append(
+                CosineAnnealingLR(
+                    optim_wrapper,
+                    T_max=self.total_iters - w,
+                    eta_min=self.min_lr,
+                    by_epoch=False,
+                    begin=w,
+                    end=self.total_iters,
+                )
+            )
+        return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class EngineSetup:
+    net: nn.Module
+    loss_fn: nn.Module
+    meters: Mapping[str, Any]
+    protocol: Protocol
+    tasks: Sequence[str]
+    work_dir: Path
+    seed: int
+    device: str
+    val_dataset: Dataset
+    train_dataset: Dataset | None = None
+    batch_size: int = 32  # per process
+    val_batch_size: int = 32
+    epochs: int = 300
+    val_interval: int = 5
+    workers: int = 4
+    schedule: Schedule | None = None
+    amp_dtype: str | None = None  # "float16" / "bfloat16" on CUDA, None = fp32
+    clip_grad: float = 5.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    resume: bool = False
+    ckpt_interval: int = 1
+    log_interval: int = 10
+    meta: dict[str, Any] = field(default_factory=dict)
+    collate_fn: Any = None
+
+
+@dataclass
+class EngineOutcome:
+    history: list[dict[str, Any]]
+    train_seconds: float
+    eval_seconds: float
+    train_compute_s: float
+    train_images: int
+    peak_mem_bytes: int
+    resumed_from: str | None
+    final_metrics: dict[str, dict[str, float]]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _runner_common(s: EngineSetup, model: EngineModel) -> dict[str, Any]:
+    dist = _distributed()
+    val_sampler = _val_sampler(s.val_dataset)
+    val_loader = DataLoader(
+        s.val_dataset,
+        batch_size=s.val_batch_size,
+        sampler=val_sampler,
+        num_workers=s.workers,
+        collate_fn=s.collate_fn,
+        persistent_workers=False,
+    )
+    kw: dict[str, Any] = dict(
+        model=model,
+        work_dir=str(s.work_dir),
+        val_dataloader=val_loader,
+        val_cfg=dict(),
+        val_evaluator=Evaluator(EngineMetric(s.meters)),
+        default_hooks=dict(
+            checkpoint=None,
+            logger=dict(type="LoggerHook", interval=s.log_interval),
+            visualization=None,
+        ),
+        launcher="pytorch" if dist else "none",
+        env_cfg=dict(cudnn_benchmark=s.device == "cuda", dist_cfg=dict(backend="nccl" if s.device == "cuda" else "gloo")),
+        randomness=dict(seed=s.seed, diff_rank_seed=True),
+        log_level="INFO",
+    )
+    if dist:
+        kw["model_wrapper_cfg"] = dict(
+            type="MMDistributedDataParallel",
+            device_ids=None if s.device == "cpu" else [torch.cuda.current_device()],
+            broadcast_buffers=False,
+        )
+    return kw
+
+
+def _val_sampler(dataset: Dataset) -> Sampler[int]:
+    from mmengine.dataset import DefaultSampler
+
+    # pads to a multiple of the world size; mmengine's collect_results interleaves and truncates the padding
+    return DefaultSampler(dataset, shuffle=False, round_up=True)
+
+
+def _peak_mem(device: str) -> int:
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def train(s: EngineSetup) -> EngineOutcome:
+    """Train with the protocol's optimiser and schedule, validate every ``val_interval`` epochs and at the end."""
+    assert s.train_dataset is not None and s.schedule is not None
+    model = EngineModel(s.net, s.loss_fn)
+    ckpt_dir = s.work_dir / "checkpoints"
+    train_loader = DataLoader(
+        s.train_dataset,
+        batch_size=s.batch_size,
+        sampler=EpochSampler(len(s.train_dataset), s.batch_size, s.seed, shuffle=True),
+        num_workers=s.workers,
+        collate_fn=s.collate_fn,
+        drop_last=True,
+        persistent_workers=False,  # workers must see the dataset's epoch (set per epoch for augmentation seeds)
+    )
+    optimizer = torch.optim.AdamW(
+        param_groups(s.net, s.weight_decay), lr=s.schedule.peak_lr, betas=s.betas, eps=s.eps
+    )
+    clip = dict(max_norm=s.clip_grad, norm_type=2)
+    if s.device == "cuda" and s.amp_dtype:
+        optim_wrapper: OptimWrapper = AmpOptimWrapper(optimizer=optimizer, clip_grad=clip, dtype=s.amp_dtype)
+    else:
+        optim_wrapper = OptimWrapper(optimizer=optimizer, clip_grad=clip)
+    hook = BenchmarkHook(model, ckpt_dir, s.meta, s.protocol, s.tasks, s.ckpt_interval, resume=s.resume)
+    kw = _runner_common(s, model)
+    runner = Runner(
+        train_dataloader=train_loader,
+        train_cfg=dict(by_epoch=True, max_epochs=s.epochs, val_interval=s.val_interval),
+        optim_wrapper=optim_wrapper,
+        param_scheduler=s.schedule.schedulers(optim_wrapper),
+        custom_hooks=[hook],
+        **kw,
+    )
+    t0 = time.perf_counter()
+    runner.train()
+    train_seconds = time.perf_counter() - t0
+    final = hook.history[-1]["metrics"] if hook.history else {}
+    return EngineOutcome(
+        history=hook.history,
+        train_seconds=train_seconds,
+        eval_seconds=0.0,
+        train_compute_s=hook.train_compute_s,
+        train_images=hook.train_images,
+        peak_mem_bytes=_peak_mem(s.device),
+        resumed_from=hook.resumed_from,
+        final_metrics=final,
+    )
+
+
+def evaluate(s: EngineSetup) -> EngineOutcome:
+    """Evaluate the model as it is (weights already loaded) on the validation set."""
+    model = EngineModel(s.net, s.loss_fn)
+    runner = Runner(**_runner_common(s, model))
+    t0 = time.perf_counter()
+    flat = runner.val()
+    seconds = time.perf_counter() - t0
+    metrics = split_metrics(flat)
+    entry: dict[str, Any] = {"epoch": None, "iteration": None, "metrics": metrics}
+    try:
+        entry["delta_m"] = compute_delta_m(metrics, s.protocol, s.tasks)
+    except KeyError:
+        entry["delta_m"] = None
+    return EngineOutcome(
+        history=[entry],
+        train_seconds=0.0,
+        eval_seconds=seconds,
+        train_compute_s=0.0,
+        train_images=0,
+        peak_mem_bytes=_peak_mem(s.device),
+        resumed_from=None,
+        final_metrics=metrics,
+    )
+
+
+def steps_per_epoch(n_train: int, batch_size: int, world: int) -> int:
+    return n_train // (batch_size * world)
+
+
+def make_schedule(protocol: Protocol, total_batch: int, iters_per_epoch: int, epochs: int, **override: Any) -> Schedule:
+    peak = override.get("peak_lr") or protocol.peak_lr(total_batch)
+    scale = peak / protocol.peak_lr(total_batch)
+    warmup_epochs = override.get("warmup_epochs", protocol.warmup_epochs)
+    return Schedule(
+        peak_lr=peak,
+        warmup_lr=protocol.warmup_lr * total_batch / protocol.lr_reference_batch * scale,
+        min_lr=protocol.min_lr * total_batch / protocol.lr_reference_batch * scale,
+        warmup_iters=int(math.floor(warmup_epochs * iters_per_epoch)),
+        total_iters=epochs * iters_per_epoch,
+    )
