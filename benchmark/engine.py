@@ -41,7 +41,8 @@ from mmengine.runner import Runner
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from benchmark.protocol import Protocol, delta_m, get_reference, table_value
+from benchmark.metrics import results_delta_m
+from benchmark.protocol import Protocol
 from benchmark.results import atomic_write_bytes
 
 CKPT_FORMAT = "mtpeft-checkpoint"
@@ -121,13 +122,6 @@ def split_metrics(flat: Mapping[str, float]) -> dict[str, dict[str, float]]:
             t, m = key.split("/", 1)
             out.setdefault(t, {})[m] = float(v)
     return out
-
-
-def compute_delta_m(metrics: Mapping[str, Mapping[str, float]], protocol: Protocol, tasks: Sequence[str]) -> float:
-    ref = get_reference(protocol.reference)
-    specs = [protocol.task(t) for t in tasks]
-    scores = {s.name: table_value(s, metrics[s.name][s.metric]) for s in specs}
-    return delta_m(scores, ref.values, specs)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -393,7 +387,7 @@ class BenchmarkHook(Hook):
         m = split_metrics(metrics or {})
         entry: dict[str, Any] = {"epoch": runner.epoch, "iteration": runner.iter, "metrics": m}
         try:
-            entry["delta_m"] = compute_delta_m(m, self.protocol, self.tasks)
+            entry["delta_m"] = results_delta_m(m, self.protocol)
         except KeyError:
             entry["delta_m"] = None
         self.history.append(entry)
@@ -611,7 +605,7 @@ def evaluate(s: EngineSetup) -> EngineOutcome:
     metrics = split_metrics(flat)
     entry: dict[str, Any] = {"epoch": None, "iteration": None, "metrics": metrics}
     try:
-        entry["delta_m"] = compute_delta_m(metrics, s.protocol, s.tasks)
+        entry["delta_m"] = results_delta_m(metrics, s.protocol)
     except KeyError:
         entry["delta_m"] = None
     return EngineOutcome(

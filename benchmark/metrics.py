@@ -1,0 +1,650 @@
+"""Task metrics as pure (stats, reduce) meters, the official MTLoRA definitions (protocol.md section 4).
+
+Every meter turns one batch of network outputs into small CPU statistics, ``stats(pred_logits, target)``,
+and a list of those statistics into numbers, ``reduce(list_of_stats)``. Statistics are integer counts or
+per-image values that concatenate, so one pass, any batching and any split over processes give the same
+numbers (float sums are added with ``math.fsum``, which is exactly rounded and so order-free).
+
+The meters start from the raw network outputs and apply the official post-processing themselves
+(``postprocess``): argmax for segmentation, ``255 * sigmoid`` for saliency, ``(unit + 1) * 255 / 2``
+(channels last) for normals, in float32 with the same operations as the official code, so the values
+the official meters saw are reproduced bit for bit.
+
+- semseg / human_parts (:class:`SegmentationMeter`): dataset-level IoU per class from exact int64
+  intersection/union counts (mmsegmentation's ``intersect_and_union``, or a pure-torch twin), then the
+  official reduction: IoU = I / max(U, 1e-8) and the mean over ALL classes (an absent class counts 0;
+  mmseg's own ``nanmean`` would skip it).
+- sal (:class:`SaliencyMeter`): "mIoU" = max over 15 thresholds of the per-image IoU averaged over
+  images, ``maxF`` (beta^2 = 1 on mean precision / recall) and the official ``Beta maxF``.
+- normals (:class:`NormalsMeter`): mean angular error in degrees ("rmse" in the papers' tables), median,
+  a true RMSE and the percentage of pixels under 11.25 / 22.5 / 30 degrees.
+
+Δm helpers (:func:`primary_scores`, :func:`delta_m_terms`, :func:`results_delta_m`) build on
+:func:`benchmark.protocol.delta_m`; ``parity_checks`` compares all of it with an official
+``metrics_*.pt`` fixture (``python -m benchmark.parity``).
+
+mmsegmentation is imported here only, lazily, so a broken mmcv pin never blocks another module.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from benchmark.parity import Check
+from benchmark.protocol import TASKS, TaskSpec, delta_m, get_reference, table_value
+from benchmark.protocol import Protocol as BenchProtocol
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+METRIC_TOL = 1e-6  # parity tolerance on metric values (README: recomputation agrees to ~1e-12)
+_HISTC_EXACT = 2**24  # float32 counts are exact up to 2^24: the most pixels one histc call may see
+
+# ----------------------------------------------------------------------------------------------
+# Official post-processing (evaluation/evaluate_utils.py get_output), on NCHW network outputs.
+
+
+def postprocess(task: str, logits: Tensor) -> Tensor:
+    """What the official meters receive for ``task``, from NCHW network outputs (float32 math).
+
+    semseg / human_parts: int64 [B,H,W] argmax; sal: float32 [B,H,W] = 255 * sigmoid on a 0..255 scale;
+    normals: float32 [B,H,W,3] (channels last) = (unit vector + 1) * 255 / 2.
+    """
+    x = logits.float()
+    if task in ("semseg", "human_parts"):
+        return x.max(dim=1).indices
+    if task == "sal":
+        # written as 255 / (1 + exp(-x)), the official expression, not 255 * torch.sigmoid(x): the two
+        # differ in the last float32 bit, and that can flip a threshold comparison
+        return (255 / (1 + torch.exp(-x)))[:, 0]
+    if task == "normals":
+        return (F.normalize(x.permute(0, 2, 3, 1), p=2, dim=3) + 1.0) * 255 / 2.0
+    raise KeyError(f"no post-processing for task {task!r}; known: semseg, human_parts, sal, normals")
+
+
+def _check_shapes(name: str, pred: Tensor, target: Tensor, pred_channels: int, target_channels: int) -> None:
+    if pred.dim() != 4 or pred.shape[1] != pred_channels:
+        raise ValueError(f"{name}: pred_logits must be [B,{pred_channels},H,W], got {list(pred.shape)}")
+    if target.dim() != 4 or target.shape[1] != target_channels:
+        raise ValueError(f"{name}: target must be [B,{target_channels},H,W], got {list(target.shape)}")
+    if pred.shape[0] != target.shape[0] or pred.shape[2:] != target.shape[2:]:
+        raise ValueError(f"{name}: pred_logits {list(pred.shape)} and target {list(target.shape)} differ in B/H/W")
+
+
+def _require_stats(name: str, stats: Sequence[Mapping[str, Tensor]]) -> None:
+    if len(stats) == 0:
+        raise ValueError(f"{name}: reduce() got no statistics (was the validation set empty?)")
+
+
+def _fsum(t: Tensor) -> float:
+    """Exactly rounded sum of a float tensor: independent of order, batching and sharding."""
+    return math.fsum(t.double().flatten().tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# Intersection / union counts: mmsegmentation, with a pure-torch twin as fallback.
+
+
+@functools.cache
+def _mmseg_intersect_and_union() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] | None:
+    """mmseg's ``IoUMetric.intersect_and_union``, or None (with a warning) if mmseg cannot be imported.
+
+    mmseg 1.2.2's ``__init__`` asserts ``mmcv < 2.2.0`` but only mmcv-lite 2.2.0 exists for this torch; the
+    IoU code does not touch mmcv, so the version is presented as 2.1.0 for the duration of the import
+    and restored right after, whatever happens.
+    """
+    try:
+        import mmcv
+
+        real = mmcv.__version__
+        mmcv.__version__ = "2.1.0"
+        try:
+            from mmseg.evaluation.metrics.iou_metric import IoUMetric
+        finally:
+            mmcv.__version__ = real
+        return IoUMetric.intersect_and_union
+    except Exception as e:  # any import failure: fall back, never block evaluation
+        log.warning("mmsegmentation unavailable (%s: %s); using the pure-torch IoU counts", type(e).__name__, e)
+        return None
+
+
+def torch_intersect_and_union(
+    pred_label: Tensor, label: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pure-torch twin of mmseg's ``intersect_and_union``: int64 (intersect, union, pred area, label area).
+
+    Pixels whose label is ``ignore_index`` are dropped. Like mmseg's ``histc``, a label outside
+    [0, num_classes) is still a valid pixel: it counts in the predicted class's area but in no label area.
+    """
+    valid = label != ignore_index
+    pred, lab = pred_label[valid], label[valid]
+    hit = pred[pred == lab]
+
+    def count(x: Tensor) -> Tensor:
+        x = x[(x >= 0) & (x <= num_classes - 1)].long()
+        return torch.bincount(x, minlength=num_classes).cpu()
+
+    area_intersect, area_pred, area_label = count(hit), count(pred), count(lab)
+    return area_intersect, area_pred + area_label - area_intersect, area_pred, area_label
+
+
+def intersect_and_union(
+    pred_label: Tensor, label: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX, backend: str = "auto"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Exact int64 (intersect, union, pred area, label area) per class over all pixels given.
+
+    ``backend``: "mmseg" (mmseg's function; its float32 ``histc`` counts are exact because it is fed at most
+    2^24 pixels per call), "torch" (:func:`torch_intersect_and_union`) or "auto" (mmseg, else torch).
+    """
+    if backend not in ("auto", "mmseg", "torch"):
+        raise ValueError(f"backend must be 'auto', 'mmseg' or 'torch', got {backend!r}")
+    fn = None if backend == "torch" else _mmseg_intersect_and_union()
+    if fn is None:
+        if backend == "mmseg":
+            raise RuntimeError("backend='mmseg' requested but mmsegmentation cannot be imported (see the warning)")
+        return torch_intersect_and_union(pred_label, label, num_classes, ignore_index)
+    p, lab = pred_label.reshape(-1), label.reshape(-1)
+    total = torch.zeros(4, num_classes, dtype=torch.int64)
+    for start in range(0, p.numel(), _HISTC_EXACT):  # chunks keep every float32 count exact
+        parts = fn(p[start : start + _HISTC_EXACT], lab[start : start + _HISTC_EXACT], num_classes, ignore_index)
+        total += torch.stack([t.to(torch.int64) for t in parts])
+    return total[0], total[1], total[2], total[3]
+
+
+# ----------------------------------------------------------------------------------------------
+# Meters
+
+
+@runtime_checkable
+class Meter(Protocol):
+    """A pure metric: per-batch statistics that concatenate, and a reduction to numbers."""
+
+    task: str
+
+    def stats(self, pred_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Small CPU statistics of one batch (sums or per-image rows; lists of them concatenate)."""
+        ...
+
+    def reduce(self, stats: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
+        """Unrounded results over all statistics (IoU-type values as fractions, normals in degrees)."""
+        ...
+
+    def details(self, stats: Sequence[Mapping[str, Tensor]]) -> dict[str, Any]:
+        """Per-class / per-threshold / per-image tables behind ``reduce`` (lists of floats)."""
+        ...
+
+
+class SegmentationMeter:
+    """Dataset-level mIoU over ``num_classes`` classes, ignoring ``ignore_index`` (official eval_semseg.py).
+
+    IoU_c = I_c / max(U_c, 1e-8) from exact int64 counts; mIoU is the mean over all classes, so a class
+    absent from both labels and predictions counts as 0 (the official reduction, not mmseg's nanmean).
+    """
+
+    def __init__(self, task: str, num_classes: int, ignore_index: int = IGNORE_INDEX, backend: str = "auto") -> None:
+        self.task, self.num_classes, self.ignore_index, self.backend = task, num_classes, ignore_index, backend
+
+    @torch.no_grad()
+    def stats(self, pred_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+        _check_shapes(self.task, pred_logits, target, self.num_classes, 1)
+        pred = postprocess(self.task, pred_logits)
+        i, u, p, lab = intersect_and_union(pred, target[:, 0], self.num_classes, self.ignore_index, self.backend)
+        return {"area_intersect": i, "area_union": u, "area_pred": p, "area_label": lab}
+
+    def _iou(self, stats: Sequence[Mapping[str, Tensor]]) -> list[float]:
+        _require_stats(self.task, stats)
+        inter = sum(s["area_intersect"].to(torch.int64) for s in stats)
+        union = sum(s["area_union"].to(torch.int64) for s in stats)
+        return [int(i) / max(float(u), 1e-8) for i, u in zip(inter.tolist(), union.tolist(), strict=True)]
+
+    def reduce(self, stats: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
+        iou = self._iou(stats)
+        return {"mIoU": math.fsum(iou) / len(iou)}
+
+    def details(self, stats: Sequence[Mapping[str, Tensor]]) -> dict[str, Any]:
+        return {"per_class_IoU": self._iou(stats)}
+
+
+SAL_THRESHOLDS: tuple[float, ...] = tuple(np.linspace(0.2, 0.9, 15).tolist())  # official mask_thres
+
+
+class SaliencyMeter:
+    """Saliency: max-over-threshold mIoU, maxF and Beta maxF (official eval_sal*.py, jaccard.py).
+
+    Per image i and threshold t, the binary prediction is ``prob > t`` with prob = (255*sigmoid)/255 in
+    float32, the ground truth is ``gt != 0``:
+
+    - IoU_it = TP / (TP+FP+FN), and 1 when ground truth and prediction are both empty;
+    - P_it = TP / (TP+FP+1e-12), R_it = TP / (TP+FN+1e-12);
+    - "mIoU" = max_t mean_i IoU_it; "maxF" = max_t 2 mP_t mR_t / (mP_t + mR_t + 1e-12) with mP_t, mR_t the
+      means over images.
+
+    "Beta maxF" reproduces the official beta meter: dataset-level counts over pixels with gt != 255 at the
+    19 thresholds ``torch.arange(0.05, 1, 0.05)`` applied to ``sigmoid(prob)`` (a second sigmoid, so only
+    thresholds 0.5..0.7 can matter), F = (1+b2) P R / (b2 P + R) with b2 = 0.3 in float32, NaN -> 0, max
+    over thresholds. Counts are kept exactly in int64 here; the official meter sums them in float32,
+    which stops being exact beyond 2^24 pixels per counter (a real 448x448 val set has more), so on full
+    data its Beta maxF can differ from this one in the last float32 digits.
+
+    Unlike the official no-beta meter, which squeezes a batch of one image into the wrong shape, this
+    meter gives the same numbers for any batching, batches of one included.
+    """
+
+    task = "sal"
+
+    def __init__(self, thresholds: Sequence[float] = SAL_THRESHOLDS, beta_squared: float = 0.3) -> None:
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.beta_squared = beta_squared
+        self.beta_thresholds = torch.arange(0.05, 1, 0.05)  # float32, exactly as the official meter builds it
+
+    @torch.no_grad()
+    def stats(self, pred_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+        _check_shapes(self.task, pred_logits, target, 1, 1)
+        prob = postprocess("sal", pred_logits).float() / 255.0  # [B,H,W] float32, as the official meter
+        gt = target[:, 0]
+        b = prob.shape[0]
+        gt_pos = (gt != 0).reshape(b, -1)
+        per_image = []
+        for t in self.thresholds:
+            pos = (prob > t).reshape(b, -1)  # float32 comparison, like the official tensor > numpy scalar
+            tp = (pos & gt_pos).sum(1)
+            per_image.append(torch.stack([tp, (pos & ~gt_pos).sum(1), (~pos & gt_pos).sum(1)], 1))
+        # beta meter: double sigmoid, pixels with gt == 255 dropped, target taken as an integer
+        valid = gt != IGNORE_INDEX
+        sig = torch.sigmoid(prob)[valid]
+        tgt = gt.long()[valid]
+        beta = []
+        for t in self.beta_thresholds.to(sig.device):
+            f = (sig >= t).long()
+            beta.append(torch.stack([(f * tgt).sum(), f.sum(), tgt.sum()]))
+        return {
+            "counts": torch.stack(per_image, 1).to(torch.int64).cpu(),  # [B, T, (tp, fp, fn)]
+            "beta_counts": torch.stack(beta).to(torch.int64).cpu(),  # [T_beta, (tp, pred pos, gt pos)]
+        }
+
+    def _tables(self, stats: Sequence[Mapping[str, Tensor]]) -> dict[str, Any]:
+        _require_stats(self.task, stats)
+        c = torch.cat([s["counts"] for s in stats]).to(torch.int64)  # [N, T, 3]
+        tp, fp, fn = (c[..., k].double() for k in range(3))
+        iou = torch.where(c.sum(-1) == 0, torch.ones_like(tp), tp / (tp + fp + fn).clamp_min(1))
+        prec, rec = tp / (tp + fp + 1e-12), tp / (tp + fn + 1e-12)
+        n = c.shape[0]
+        m_iou = [math.fsum(iou[:, j].tolist()) / n for j in range(c.shape[1])]
+        m_p = [math.fsum(prec[:, j].tolist()) / n for j in range(c.shape[1])]
+        m_r = [math.fsum(rec[:, j].tolist()) / n for j in range(c.shape[1])]
+        f = [2 * p * r / (p + r + 1e-12) for p, r in zip(m_p, m_r, strict=True)]
+        return {
+            "thresholds": list(self.thresholds),
+            "per_image_per_threshold_IoU": iou.tolist(),
+            "mean_IoU_per_threshold": m_iou,
+            "mean_precision_per_threshold": m_p,
+            "mean_recall_per_threshold": m_r,
+            "F_per_threshold": f,
+        }
+
+    def _beta_max_f(self, stats: Sequence[Mapping[str, Tensor]]) -> float:
+        counts = sum(s["beta_counts"].to(torch.int64) for s in stats)
+        tp, pp, ap = (counts[:, k].float() for k in range(3))  # float32 from here on, as the official meter
+        precision, recall = tp / pp, tp / ap
+        fscore = (1 + self.beta_squared) * precision * recall / (self.beta_squared * precision + recall)
+        fscore[fscore != fscore] = 0
+        return fscore.max().item()
+
+    def reduce(self, stats: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
+        tab = self._tables(stats)
+        return {
+            "mIoU": max(tab["mean_IoU_per_threshold"]),
+            "maxF": max(tab["F_per_threshold"]),
+            "Beta maxF": self._beta_max_f(stats),
+        }
+
+    def details(self, stats: Sequence[Mapping[str, Tensor]]) -> dict[str, Any]:
+        return self._tables(stats)
+
+
+class NormalsMeter:
+    """Surface normals: angular errors in degrees over valid pixels (gt != 255), official eval_normals_v1/v2.
+
+    The prediction takes the official round trip, unit vector -> (u+1)*255/2 -> 2x/255-1 in float32 (not
+    re-normalised, like the official v1 meter), and the angle is acos(clamp(<pred, gt>, -1, 1)) in float64.
+
+    - ``mean``: the mean angle, the column the papers call "rmse" (the primary metric);
+    - ``rmse``: equal to ``mean``, kept only because the official meter reports it under that name;
+    - ``rmse_true``: the real root-mean-square angle (the official meter has none);
+    - ``median``: from a fixed histogram of ``bin_deg``-wide bins over [0, 180] (summable statistics); it is
+      the midpoint of the bin(s) holding the middle value(s), so it is within ``bin_deg / 2`` of the exact
+      median: 0.025 degrees by default. The default bin (0.05 degrees, 3600 int32 counts = 14 KiB) is sized
+      for a runner that keeps one statistics entry per image (1449 val images -> 21 MB); 0.01 would be
+      five times larger;
+    - ``11.25``, ``22.5``, ``30``: percent of valid pixels with an angle below each bound;
+    - ``mean_v2`` / ``rmse_v2``: the official meter's second formula, 2*atan2(|p-g|, |p+g|) on re-normalised
+      vectors, over pixels valid in all three channels (``rmse_v2`` equals ``mean_v2``, as there).
+    """
+
+    task = "normals"
+    bounds: tuple[float, ...] = (11.25, 22.5, 30.0)
+
+    def __init__(self, bin_deg: float = 0.05) -> None:
+        self.bin_deg = bin_deg
+        self.num_bins = int(round(180.0 / bin_deg))
+
+    @torch.no_grad()
+    def stats(self, pred_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+        _check_shapes(self.task, pred_logits, target, 3, 3)
+        pred = 2 * postprocess("normals", pred_logits).permute(0, 3, 1, 2) / 255 - 1  # float32 [B,3,H,W]
+        gt = target.double()
+        # v1: valid where channel 0 is not 255; the float32 prediction is promoted to float64 by the gt
+        valid = gt[:, 0] != IGNORE_INDEX
+        deg = (180 / math.pi) * torch.acos(torch.clamp(torch.sum(pred * gt, 1), min=-1, max=1))
+        deg = torch.where(valid, deg, torch.zeros_like(deg))
+        # v2: valid where no channel is 255; both vectors re-normalised (zero vectors stay zero)
+        valid2 = (gt != IGNORE_INDEX).all(dim=1)
+        p2, g2 = _normalize_or_zero(pred), _normalize_or_zero(gt)
+        deg2 = torch.rad2deg(2 * torch.atan2(torch.norm(p2 - g2, dim=1), torch.norm(p2 + g2, dim=1)))
+        deg2 = torch.where(valid2, deg2, torch.zeros_like(deg2))
+        below = torch.stack([((deg < b) & valid).sum((1, 2)) for b in self.bounds], 1)
+        bins = (deg[valid] / self.bin_deg).floor().long().clamp_(0, self.num_bins - 1)
+        return {
+            "n": valid.sum((1, 2)).to(torch.int64).cpu(),  # per image
+            "sum_deg": deg.sum((1, 2)).cpu(),  # per image, float64
+            "sum_sq_deg": (deg * deg).sum((1, 2)).cpu(),
+            "n_below": below.to(torch.int64).cpu(),  # per image x bound
+            "n_v2": valid2.sum((1, 2)).to(torch.int64).cpu(),
+            "sum_deg_v2": deg2.sum((1, 2)).cpu(),
+            "hist": torch.bincount(bins, minlength=self.num_bins).to(torch.int32).cpu(),  # per call, summed
+        }
+
+    def _median(self, hist: Tensor, n: int) -> float:
+        cum = torch.cumsum(hist, 0)
+        # 0-based ranks of the middle value(s), as numpy's median averages the two for even n
+        lo, hi = (
+            torch.searchsorted(cum, torch.tensor([k], dtype=cum.dtype), right=True).item()
+            for k in ((n - 1) // 2, n // 2)
+        )
+        return (lo + hi + 1) / 2 * self.bin_deg
+
+    def reduce(self, stats: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
+        _require_stats(self.task, stats)
+        cat = {k: torch.cat([s[k] for s in stats]) for k in stats[0] if k != "hist"}  # per-image rows
+        n, n2 = int(cat["n"].sum()), int(cat["n_v2"].sum())
+        if n == 0 or n2 == 0:
+            raise ValueError("normals: no valid pixels (every target pixel is 255); the angular errors are undefined")
+        mean = _fsum(cat["sum_deg"]) / n
+        mean_v2 = _fsum(cat["sum_deg_v2"]) / n2
+        below = cat["n_below"].sum(0).tolist()
+        hist = sum(s["hist"].to(torch.int64) for s in stats)
+        out = {"mean": mean, "rmse": mean, "median": self._median(hist, n)}
+        out["rmse_true"] = math.sqrt(_fsum(cat["sum_sq_deg"]) / n)
+        out.update({_bound_name(b): c * 100 / n for b, c in zip(self.bounds, below, strict=True)})
+        out.update({"mean_v2": mean_v2, "rmse_v2": mean_v2})
+        return out
+
+    def details(self, stats: Sequence[Mapping[str, Tensor]]) -> dict[str, Any]:
+        _require_stats(self.task, stats)
+        return {"num_valid_pixels": int(sum(int(s["n"].sum()) for s in stats)), "median_bin_deg": self.bin_deg}
+
+
+def _bound_name(b: float) -> str:
+    return f"{b:g}"  # 11.25, 22.5, 30: the official key names
+
+
+def _normalize_or_zero(x: Tensor) -> Tensor:
+    norm = torch.norm(x, p="fro", dim=1, keepdim=True)
+    zero = norm == 0
+    out = x.div(norm.masked_fill(zero, 1))
+    return out.masked_fill(zero.expand_as(out), 0)
+
+
+_METER_FACTORIES: dict[str, Callable[[TaskSpec], Meter]] = {
+    "semseg": lambda spec: SegmentationMeter(spec.name, spec.out_channels),
+    "human_parts": lambda spec: SegmentationMeter(spec.name, spec.out_channels),
+    "sal": lambda spec: SaliencyMeter(),
+    "normals": lambda spec: NormalsMeter(),
+}
+
+
+def build_meters(task_names: Sequence[str]) -> dict[str, Meter]:
+    """One meter per task, in the order given (classes from ``benchmark.protocol.TASKS``)."""
+    meters: dict[str, Meter] = {}
+    for name in task_names:
+        if name not in _METER_FACTORIES or name not in TASKS:
+            raise KeyError(f"no meter for task {name!r}; known: {sorted(_METER_FACTORIES)}")
+        meters[name] = _METER_FACTORIES[name](TASKS[name])
+    return meters
+
+
+# ----------------------------------------------------------------------------------------------
+# Δm
+
+
+def _spec(task: TaskSpec | str) -> TaskSpec:
+    if isinstance(task, TaskSpec):
+        return task
+    if task not in TASKS:
+        raise KeyError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+    return TASKS[task]
+
+
+def primary_scores(results: Mapping[str, Mapping[str, float]], tasks: Sequence[TaskSpec | str]) -> dict[str, float]:
+    """Each task's primary metric (``TaskSpec.metric``) in table units: mIoU x100, normals in degrees."""
+    scores = {}
+    for task in map(_spec, tasks):
+        if task.name not in results:
+            raise KeyError(f"no results for task {task.name!r}; have: {sorted(results)}")
+        if task.metric not in results[task.name]:
+            raise KeyError(f"results for {task.name!r} lack its primary metric {task.metric!r}")
+        scores[task.name] = table_value(task, float(results[task.name][task.metric]))
+    return scores
+
+
+def delta_m_terms(
+    scores: Mapping[str, float], reference: Mapping[str, float], tasks: Sequence[TaskSpec | str]
+) -> dict[str, float]:
+    """Per-task signed relative change in percent (negated where lower is better); Δm is their mean."""
+    return {t.name: delta_m(scores, reference, [t]) for t in map(_spec, tasks)}
+
+
+def results_delta_m(
+    results: Mapping[str, Mapping[str, float]],
+    protocol: BenchProtocol,
+    reference: str | Mapping[str, float] | None = None,
+) -> float:
+    """Δm (percent) of raw meter results over the protocol's tasks, against a named reference or values.
+
+    ``reference`` defaults to ``protocol.reference`` in ``benchmark.protocol.REFERENCES``; a task without a
+    reference value is an error.
+    """
+    if reference is None:
+        reference = protocol.reference
+    ref = get_reference(reference).values if isinstance(reference, str) else reference
+    return delta_m(primary_scores(results, protocol.tasks), ref, protocol.tasks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with the official meters: metrics_*.pt fixtures
+
+
+class FixtureError(ValueError):
+    """A fixture file without a field this check needs; the message names the file and the field."""
+
+
+def _field(d: Any, path: str, keys: Sequence[str]) -> Any:
+    cur = d
+    for k in keys:
+        if not isinstance(cur, Mapping) or k not in cur:
+            raise FixtureError(f"{path}: missing field {'.'.join(keys)!r}")
+        cur = cur[k]
+    return cur
+
+
+def _max_abs_diff(ours: Any, ref: Any) -> float:
+    a = torch.as_tensor(ours, dtype=torch.float64)
+    b = torch.as_tensor(ref, dtype=torch.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shape {list(a.shape)} vs {list(b.shape)}")
+    if a.numel() == 0:
+        return 0.0
+    same = (a == b) | (a.isnan() & b.isnan())
+    return float((a - b).abs().masked_fill(same, 0).max())
+
+
+def _compare(name: str, ours: Any, ref: Any, tol: float) -> Check:
+    try:
+        d = _max_abs_diff(ours, ref)
+    except (ValueError, TypeError, RuntimeError) as e:
+        return Check(name, math.inf, tol, False, f"cannot compare: {e}")
+    passed = d <= tol
+    detail = "" if passed else f"ours {_short(ours)} vs official {_short(ref)}"
+    return Check(name, d, tol, passed, detail)
+
+
+def _short(x: Any) -> str:
+    s = repr(x.tolist() if isinstance(x, Tensor) else x)
+    return s if len(s) <= 120 else s[:117] + "..."
+
+
+def _numeric(x: Any) -> bool:
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, (int, float, Tensor)):
+        return True
+    return isinstance(x, (list, tuple)) and all(_numeric(e) for e in x)
+
+
+# fixture key in results.normals_extra_not_from_official_code -> (our normals key, tolerance or None = bin/2)
+_NORMALS_EXTRA = {"median_deg": ("median", None), "true_rmse_deg": ("rmse_true", METRIC_TOL)}
+
+
+def _fixture_references(path: str, refs: Mapping[str, float], tasks: Sequence[str]) -> dict[str, float]:
+    """Map the fixture's reference keys (``semseg_mIoU_pct``, ``normals_mean_deg``) to task names."""
+    out: dict[str, float] = {}
+    for key, value in refs.items():
+        match = max((t for t in tasks if key.startswith(t + "_")), key=len, default=None)
+        if match is None:
+            raise FixtureError(
+                f"{path}: delta_m.reference_single_task key {key!r} names none of the tasks {list(tasks)}"
+            )
+        out[match] = float(value)
+    return out
+
+
+def parity_checks(path: str | Path) -> list[Check]:
+    """Feed a ``metrics_*.pt`` fixture's logits through these meters in its ``update_batches`` and compare
+    the post-processed meter inputs, every value of ``results``, Δm and the worked Δm example."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics fixture not found: {path}")
+    fx = torch.load(path, weights_only=True, map_location="cpu")
+    stem, p = path.stem, str(path)
+    logits = _field(fx, p, ["logits"])
+    gts = _field(fx, p, ["meter_inputs", "gt"])
+    preds = _field(fx, p, ["meter_inputs", "pred"])
+    batches = _field(fx, p, ["update_batches"])
+    results = _field(fx, p, ["results"])
+    tasks = list(logits)
+    unknown = [t for t in tasks if t not in _METER_FACTORIES]
+    if unknown:
+        raise FixtureError(f"{p}: logits has tasks without a meter here: {unknown}")
+    meters = build_meters(tasks)
+    checks: list[Check] = []
+
+    # 1. post-processing: what the official meters received
+    for t in tasks:
+        ours = postprocess(t, logits[t])
+        ref = _field(preds, p, [t])
+        checks.append(_compare(f"{stem}/meter_inputs/{t}", ours.reshape(ref.shape), ref, 0.0))
+
+    # 2. every result value, meters fed in the fixture's batches
+    ours_all: dict[str, dict[str, Any]] = {}
+    stats: dict[str, list[dict[str, Tensor]]] = {t: [] for t in tasks}
+    for batch in batches:
+        idx = torch.as_tensor(batch, dtype=torch.long)
+        for t in tasks:
+            stats[t].append(meters[t].stats(logits[t][idx], _field(gts, p, [t])[idx]))
+    for t in tasks:
+        ours_all[t] = {**meters[t].reduce(stats[t]), **meters[t].details(stats[t])}
+    for key, table in results.items():
+        if key in tasks:
+            for metric, ref in table.items():
+                name = f"{stem}/{key}/{metric}"
+                if not _numeric(ref):
+                    continue
+                if metric not in ours_all[key]:
+                    checks.append(Check(name, math.inf, METRIC_TOL, False, "not produced by benchmark.metrics"))
+                else:
+                    checks.append(_compare(name, ours_all[key][metric], ref, METRIC_TOL))
+        elif key == "normals_extra_not_from_official_code" and "normals" in tasks:
+            checks.extend(_normals_extra_checks(stem, table, ours_all["normals"], meters["normals"]))
+        else:
+            checks.append(Check(f"{stem}/{key}", math.inf, 0.0, False, "results entry for no known task"))
+
+    # 3. batch invariance (ours): one image per batch gives the same numbers
+    for t in tasks:
+        single = [meters[t].stats(logits[t][i : i + 1], gts[t][i : i + 1]) for b in batches for i in b]
+        checks.append(
+            _compare(
+                f"{stem}/batch_invariance/{t}",
+                _scalars(meters[t].reduce(single)),
+                _scalars(meters[t].reduce(stats[t])),
+                1e-12,
+            )
+        )
+
+    # 4. Δm: primary scores in table units, per-task terms and their mean, against the fixture's references
+    dm = _field(fx, p, ["delta_m"])
+    specs = [TASKS[t] for t in tasks]
+    refs = _fixture_references(p, _field(dm, p, ["reference_single_task"]), tasks)
+    scores = primary_scores({t: ours_all[t] for t in tasks}, specs)
+    for t, ref in _field(dm, p, ["metrics_used_pct"]).items():
+        checks.append(_compare(f"{stem}/delta_m/metrics_used_pct/{t}", scores.get(t, math.nan), ref, METRIC_TOL))
+    try:
+        terms = delta_m_terms(scores, refs, specs)
+        value = delta_m(scores, refs, specs)
+    except (KeyError, ValueError) as e:
+        checks.append(Check(f"{stem}/delta_m", math.inf, METRIC_TOL, False, f"{type(e).__name__}: {e}"))
+    else:
+        for t, ref in _field(dm, p, ["per_task_relative_term_pct"]).items():
+            checks.append(_compare(f"{stem}/delta_m/term/{t}", terms.get(t, math.nan), ref, METRIC_TOL))
+        checks.append(_compare(f"{stem}/delta_m/delta_m_pct", value, _field(dm, p, ["delta_m_pct"]), METRIC_TOL))
+    # (the fixture's references are inputs of the formula check; the protocol's own REFERENCES are data,
+    # tested against published_results.md by the leaderboard's golden tests)
+
+    # 5. the worked example: the formula alone, on given table values
+    ex = _field(fx, p, ["delta_m_worked_example"])
+    try:
+        value = delta_m(_field(ex, p, ["metrics_pct"]), refs, specs)
+        checks.append(_compare(f"{stem}/delta_m_worked_example", value, _field(ex, p, ["delta_m_pct"]), METRIC_TOL))
+    except (KeyError, ValueError) as e:
+        checks.append(Check(f"{stem}/delta_m_worked_example", math.inf, METRIC_TOL, False, str(e)))
+    return checks
+
+
+def _scalars(d: Mapping[str, float]) -> list[float]:
+    return [d[k] for k in sorted(d)]
+
+
+def _normals_extra_checks(
+    stem: str, table: Mapping[str, Any], ours: Mapping[str, Any], meter: NormalsMeter
+) -> list[Check]:
+    checks = []
+    for key, ref in table.items():
+        name = f"{stem}/normals_extra/{key}"
+        if key == "num_valid_pixels":
+            checks.append(_compare(name, ours["num_valid_pixels"], ref, 0.0))
+        elif key in _NORMALS_EXTRA:
+            ours_key, tol = _NORMALS_EXTRA[key]
+            # the median comes from bin_deg-wide bins: it is exact to half a bin (plus float noise)
+            checks.append(_compare(name, ours[ours_key], ref, tol if tol is not None else meter.bin_deg / 2 + 1e-9))
+        elif _numeric(ref):
+            checks.append(Check(name, math.inf, 0.0, False, "unknown numeric field"))
+    return checks
