@@ -14,7 +14,9 @@ class FullFTConfig(MethodConfig):
     pass
 
 
-@register_method("full_ft", config=FullFTConfig, paper="MTL full fine-tuning (MTLoRA Table 1 baseline)")
+@register_method(
+    "full_ft", config=FullFTConfig, paper="MTL full fine-tuning (MTLoRA Table 1 baseline)", identity_at_init=True
+)
 def apply(model: nn.Module, cfg: FullFTConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)

@@ -49,6 +49,12 @@ class MethodSpec:
     description: str
     # substrings of parameter names that count as "adapter" parameters in the breakdown
     adapter_markers: tuple[str, ...] = ()
+    # promises checked by tests/test_methods_contract.py:
+    # the freshly applied model computes what the unmodified model computes (eval mode, within 1e-6)
+    identity_at_init: bool = False
+    # regexes (re.search) over parameter names: trainable parameters allowed to get no gradient because no
+    # task output depends on them (e.g. a shared branch whose output only the task streams replace)
+    no_grad_params: tuple[str, ...] = ()
 
     def default_config(self) -> MethodConfig:
         return self.config_cls()
@@ -67,16 +73,29 @@ def register_method(
     config: type[MethodConfig],
     paper: str,
     adapter_markers: Iterable[str] = (),
+    identity_at_init: bool = False,
+    no_grad_params: Iterable[str] = (),
+    description: str | None = None,
 ) -> Callable[[Callable[[nn.Module, Any], nn.Module]], Callable[[nn.Module, Any], nn.Module]]:
-    """Register ``apply`` under ``name``; its module docstring's first line is the description."""
+    """Register ``apply`` under ``name``; the description defaults to its module docstring's first line."""
 
     def add(fn: Callable[[nn.Module, Any], nn.Module]) -> Callable[[nn.Module, Any], nn.Module]:
         import sys
 
-        doc = (sys.modules[fn.__module__].__doc__ or fn.__doc__ or "").strip().splitlines()
+        text = description if description is not None else sys.modules[fn.__module__].__doc__ or fn.__doc__
+        doc = (text or "").strip().splitlines()
         METHODS.add(
             name,
-            MethodSpec(name, config, fn, paper, doc[0] if doc else "", tuple(adapter_markers)),
+            MethodSpec(
+                name,
+                config,
+                fn,
+                paper,
+                doc[0] if doc else "",
+                tuple(adapter_markers),
+                identity_at_init,
+                tuple(no_grad_params),
+            ),
         )
         return fn
 
@@ -132,7 +151,7 @@ def _coerce_json(tp: Any, value: Any, key: str) -> Any:
             return tuple(_coerce_json(args[0], v, key) for v in value)
         if len(args) != len(value):
             raise ValueError(f"field {key!r}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce_json(a, v, key) for a, v in zip(args, value))
+        return tuple(_coerce_json(a, v, key) for a, v in zip(args, value, strict=True))
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"field {key!r}: expected an object for {_type_name(tp)}, got {value!r}")

@@ -1,0 +1,34 @@
+"""Relative bias: train only the relative-position-bias tables of the frozen Swin (MTLoRA Table 1 baseline).
+
+Every window attention keeps a ``(2W-1)^2 x heads`` table of learned biases added to its attention logits; this
+baseline trains those tables (23,322 parameters in Swin-T, protocol.md 3.6) plus the decoders. Nothing is added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from methods.base import MethodConfig, freeze, register_method, unfreeze_matching
+
+
+@dataclass(frozen=True)
+class RelativeBiasConfig(MethodConfig):
+    pass
+
+
+@register_method(
+    "relative_bias",
+    config=RelativeBiasConfig,
+    paper="Swin relative-position-bias tuning (MTLoRA Table 1 baseline)",
+    adapter_markers=("relative_position_bias_table",),
+    identity_at_init=True,
+)
+def apply(model: nn.Module, cfg: RelativeBiasConfig) -> nn.Module:
+    freeze(model.backbone)
+    if unfreeze_matching(model.backbone, ("relative_position_bias_table",)) == 0:
+        raise ValueError("relative_bias: the backbone has no relative_position_bias_table parameters")
+    for p in model.decoders.parameters():
+        p.requires_grad_(True)
+    return model
