@@ -17,7 +17,6 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds (one run each)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="method config overrides")
     p.add_argument("--epochs", type=int, help="override the number of epochs (a shortened run is marked debug)")
+    p.add_argument("--image-size", type=int, help="override the image size (a run off the protocol is marked debug)")
     p.add_argument("--select", choices=["final", "best"], default="final", help="which validation is reported")
     p.add_argument("--resume", action="store_true", help="continue from the last good checkpoint in the work dir")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint without training")
@@ -188,7 +188,7 @@ def _main(args: argparse.Namespace) -> int:
     protocol = get_protocol(args.protocol)
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}")
-    settings = resolve(protocol, PRESETS[args.preset], args.epochs)
+    settings = resolve(protocol, PRESETS[args.preset], args.epochs, args.image_size)
     spec = METHODS.get(args.method[0])
     method_cfg = apply_overrides(spec.default_config(), args.set)
     tasks = protocol.task_names
@@ -288,7 +288,6 @@ def _barrier() -> None:
 
 
 def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_dir, device, rank, world) -> int:
-    import torch
     from mmengine.runner import set_random_seed
 
     from benchmark import engine

@@ -48,6 +48,8 @@ from benchmark.results import atomic_write_bytes
 CKPT_FORMAT = "mtpeft-checkpoint"
 CKPT_VERSION = 1
 CKPT_PATTERN = re.compile(r"^epoch_(\d+)\.pth$")
+# fault injection for the test-suite only: make the loss NaN at this (0-based) iteration
+_FAULT_NAN_ITER = int(os.environ["MTPEFT_FAULT_NAN_ITER"]) if os.environ.get("MTPEFT_FAULT_NAN_ITER") else None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,6 +75,8 @@ class EngineModel(BaseModel):
         out = self.net(image)
         if mode == "loss":
             losses = self.loss_fn(out, targets)
+            if _FAULT_NAN_ITER is not None and self.current_iter == _FAULT_NAN_ITER:
+                losses = {**losses, "total": losses["total"] * float("nan")}
             logged = {f"l_{t}": v.detach() for t, v in losses.items() if t != "total"}
             return {"loss": losses["total"], **logged}
         if mode == "predict":
@@ -315,7 +319,7 @@ class BenchmarkHook(Hook):
                 print_log(f"resume: skipping unusable checkpoint: {e}", logger="current", level=logging.WARNING)
                 continue
             runner.optim_wrapper.load_state_dict(ckpt["optimizer"])
-            for sched, state in zip(runner.param_schedulers, ckpt["schedulers"]):
+            for sched, state in zip(runner.param_schedulers, ckpt["schedulers"], strict=True):
                 sched.load_state_dict(state)
             runner.train_loop._epoch = ckpt["epoch"]
             runner.train_loop._iter = ckpt["iter"]
@@ -352,8 +356,10 @@ class BenchmarkHook(Hook):
 
     def _val_due(self, runner: Runner, epoch: int) -> bool:
         loop = runner.train_loop
-        return runner.val_loop is not None and epoch >= loop.val_begin and (
-            epoch % loop.val_interval == 0 or epoch == loop.max_epochs
+        return (
+            runner.val_loop is not None
+            and epoch >= loop.val_begin
+            and (epoch % loop.val_interval == 0 or epoch == loop.max_epochs)
         )
 
     def _maybe_save(self, runner: Runner, epoch: int) -> None:
@@ -516,18 +522,22 @@ def _runner_common(s: EngineSetup, model: EngineModel) -> dict[str, Any]:
         default_hooks=dict(
             checkpoint=None,
             logger=dict(type="LoggerHook", interval=s.log_interval),
-            visualization=None,
         ),
         launcher="pytorch" if dist else "none",
-        env_cfg=dict(cudnn_benchmark=s.device == "cuda", dist_cfg=dict(backend="nccl" if s.device == "cuda" else "gloo")),
+        env_cfg=dict(
+            cudnn_benchmark=s.device == "cuda", dist_cfg=dict(backend="nccl" if s.device == "cuda" else "gloo")
+        ),
         randomness=dict(seed=s.seed, diff_rank_seed=True),
         log_level="INFO",
     )
     if dist:
-        kw["model_wrapper_cfg"] = dict(
-            type="MMDistributedDataParallel",
-            device_ids=None if s.device == "cpu" else [torch.cuda.current_device()],
-            broadcast_buffers=False,
+        # mmengine reads the wrapper config from ``cfg``; device_ids=None is what CPU (gloo) DDP needs
+        kw["cfg"] = dict(
+            model_wrapper_cfg=dict(
+                type="MMDistributedDataParallel",
+                device_ids=None if s.device == "cpu" else [torch.cuda.current_device()],
+                broadcast_buffers=False,
+            )
         )
     return kw
 
@@ -561,9 +571,7 @@ def train(s: EngineSetup) -> EngineOutcome:
         drop_last=True,
         persistent_workers=False,  # workers must see the dataset's epoch (set per epoch for augmentation seeds)
     )
-    optimizer = torch.optim.AdamW(
-        param_groups(s.net, s.weight_decay), lr=s.schedule.peak_lr, betas=s.betas, eps=s.eps
-    )
+    optimizer = torch.optim.AdamW(param_groups(s.net, s.weight_decay), lr=s.schedule.peak_lr, betas=s.betas, eps=s.eps)
     clip = dict(max_norm=s.clip_grad, norm_type=2)
     if s.device == "cuda" and s.amp_dtype:
         optim_wrapper: OptimWrapper = AmpOptimWrapper(optimizer=optimizer, clip_grad=clip, dtype=s.amp_dtype)
@@ -624,7 +632,9 @@ def steps_per_epoch(n_train: int, batch_size: int, world: int) -> int:
     return n_train // (batch_size * world)
 
 
-def make_schedule(protocol: Protocol, total_batch: int, iters_per_epoch: int, epochs: int, **override: Any) -> Schedule:
+def make_schedule(
+    protocol: Protocol, total_batch: int, iters_per_epoch: int, epochs: int, **override: Any
+) -> Schedule:
     peak = override.get("peak_lr") or protocol.peak_lr(total_batch)
     scale = peak / protocol.peak_lr(total_batch)
     warmup_epochs = override.get("warmup_epochs", protocol.warmup_epochs)

@@ -59,6 +59,22 @@ PRESETS: dict[str, Preset] = {
             log_interval=4,
             description="tiny Swin at 64 px on a generated dataset, 3 epochs on CPU in about a minute (debug)",
         ),
+        Preset(
+            name="tiny",
+            backbone="swin_micro",
+            image_size=64,
+            batch_size=4,
+            epochs=2,
+            val_interval=1,
+            workers=0,
+            debug=True,
+            synthetic_train=16,
+            synthetic_val=8,
+            peak_lr=1e-3,
+            warmup_epochs=0.5,
+            log_interval=2,
+            description="the smallest end-to-end run, for tests: 16 generated images, 2 epochs (debug)",
+        ),
     )
 }
 
@@ -82,17 +98,22 @@ class RunSettings:
     synthetic_val: int
 
 
-def resolve(protocol: Protocol, preset: Preset, epochs: int | None = None) -> RunSettings:
-    shortened = epochs is not None and epochs < (preset.epochs or protocol.epochs)
+def resolve(
+    protocol: Protocol, preset: Preset, epochs: int | None = None, image_size: int | None = None
+) -> RunSettings:
+    """Fill the preset from the protocol; overriding epochs or the image size away from it makes a run debug."""
+    off_protocol = (epochs is not None and epochs != protocol.epochs) or (
+        image_size is not None and image_size != protocol.image_size
+    )
     return RunSettings(
         preset=preset.name,
         backbone=preset.backbone or protocol.backbone,
-        image_size=preset.image_size or protocol.image_size,
+        image_size=image_size or preset.image_size or protocol.image_size,
         batch_size=preset.batch_size or protocol.batch_size,
         epochs=epochs or preset.epochs or protocol.epochs,
         val_interval=preset.val_interval or protocol.eval_interval,
         workers=preset.workers,
-        debug=preset.debug or shortened or (epochs is not None and epochs != protocol.epochs),
+        debug=preset.debug or off_protocol,
         peak_lr=preset.peak_lr,
         warmup_epochs=protocol.warmup_epochs if preset.warmup_epochs is None else preset.warmup_epochs,
         log_interval=preset.log_interval,
