@@ -1,0 +1,151 @@
+"""``leaderboard``: build the leaderboard, check it for regressions, validate result files.
+
+    leaderboard build results/ -o LEADERBOARD.md --plot docs/pareto.png [--csv leaderboard.csv] [--no-published]
+    leaderboard check [results/] [--leaderboard LEADERBOARD.md] [--skip-params]
+    leaderboard validate results/
+
+Exit status: 0 ok, 1 bad input or failed checks (message on stderr, no traceback), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchmark.results import atomic_write_text
+from leaderboard.errors import LeaderboardError
+
+
+def _build(args: argparse.Namespace) -> int:
+    from leaderboard.build import collect, section_plot_path
+    from leaderboard.checks import default_plot_link
+    from leaderboard.tables import frame_to_csv, render_markdown
+
+    lb = collect(args.results, include_published=args.published, data_dir=args.published_dir)
+    for m in lb.messages:
+        print(f"leaderboard: {m}", file=sys.stderr)
+    out_path = Path(args.output) if args.output else Path("LEADERBOARD.md")
+    plot_base = args.plot or "docs/pareto.png"
+    text = render_markdown(lb, default_plot_link(out_path, plot_base))
+    # render everything first, write afterwards: a failure leaves no half-written set of outputs
+    pngs = {}
+    if args.plot:
+        from leaderboard.plot import render_png
+
+        for s in lb.sections:
+            pngs[section_plot_path(args.plot, s, len(lb.sections))] = render_png(s)
+    csv_text = frame_to_csv(lb) if args.csv else None
+    for path, data in pngs.items():
+        from benchmark.results import atomic_write_bytes
+
+        atomic_write_bytes(path, data)
+        print(f"leaderboard: wrote {path}", file=sys.stderr)
+    if csv_text is not None:
+        atomic_write_text(args.csv, csv_text)
+        print(f"leaderboard: wrote {args.csv}", file=sys.stderr)
+    if args.output:
+        atomic_write_text(args.output, text)
+        n = sum(s.n_reproduced_groups for s in lb.sections)
+        print(
+            f"leaderboard: wrote {args.output} ({n} reproduced group(s), {len(lb.results.runs)} run(s))",
+            file=sys.stderr,
+        )
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from leaderboard.checks import TOLERANCE_POINTS, run_checks
+
+    report = run_checks(
+        args.results or ["results"],
+        leaderboard_path=None if args.no_stale else Path(args.leaderboard),
+        skip_params=args.skip_params,
+        data_dir=args.published_dir,
+        tol=TOLERANCE_POINTS if args.tolerance is None else args.tolerance,
+    )
+    for line in report.passed:
+        print(f"ok    {line}")
+    if args.skip_params:
+        print("skip  params (--skip-params)")
+    for f in report.failures:
+        print(f"FAIL  [{f.check}] {f.message}", file=sys.stderr)
+    if report.ok:
+        print("leaderboard check: all checks passed")
+        return 0
+    print(f"leaderboard check: {len(report.failures)} failure(s)", file=sys.stderr)
+    return 1
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from leaderboard.runs import load_results
+
+    loaded = load_results(args.results)
+    where = ", ".join(args.results)
+    for e in loaded.errors:
+        print(f"invalid  {e}", file=sys.stderr)
+    for s in loaded.skipped_summary():
+        print(f"skipped  {s}", file=sys.stderr)
+    if not loaded.files:
+        print(f"leaderboard validate: no result files under {where} (nothing to validate)")
+        return 0
+    n_ok = len(loaded.files) - len(loaded.errors)
+    print(
+        f"leaderboard validate: {len(loaded.files)} file(s): {n_ok} valid ({len(loaded.runs)} successful run(s), "
+        f"{len(loaded.skipped)} skipped), {len(loaded.errors)} invalid"
+    )
+    return 1 if loaded.errors else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="leaderboard",
+        description="Build the leaderboard, check it for regressions, validate result files.",
+        epilog="\n".join(__doc__.splitlines()[2:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    data_help = "folder of the published-data CSVs (default: the package's leaderboard/published/)"
+
+    b = sub.add_parser("build", help="aggregate result files and published rows into LEADERBOARD.md")
+    b.add_argument("results", nargs="+", help="result files or folders (searched recursively for *.json)")
+    b.add_argument("-o", "--output", help="markdown output (default: stdout)")
+    b.add_argument("--csv", help="also write the table as CSV")
+    b.add_argument("--plot", help="also write the Δm vs parameters plot (PNG); one file per protocol if several")
+    b.add_argument("--published", action=argparse.BooleanOptionalAction, default=True, help="include published rows")
+    b.add_argument("--published-dir", type=Path, default=None, help=data_help)
+    b.set_defaults(func=_build)
+
+    c = sub.add_parser("check", help="regression checks (CI): results, published Δm, parameter counts, staleness")
+    c.add_argument("results", nargs="*", help="committed result files or folders (default: results)")
+    c.add_argument("--leaderboard", default="LEADERBOARD.md", help="committed markdown to compare with a fresh build")
+    c.add_argument("--no-stale", action="store_true", help="skip the LEADERBOARD.md staleness check")
+    c.add_argument(
+        "--skip-params", action="store_true", help="skip the parameter counts (no benchmark.cli subprocesses)"
+    )
+    c.add_argument(
+        "--tolerance", type=float, default=None, help="band around verified published rows, table units (default 0.5)"
+    )
+    c.add_argument("--published-dir", type=Path, default=None, help=data_help)
+    c.set_defaults(func=_check)
+
+    v = sub.add_parser("validate", help="validate result files only")
+    v.add_argument("results", nargs="+", help="result files or folders")
+    v.set_defaults(func=_validate)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LeaderboardError as e:
+        print(f"leaderboard: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""LEADERBOARD.md and the CSV export: deterministic text (no timestamps, fixed float formats)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+from tabulate import tabulate
+
+from benchmark.protocol import Protocol, get_reference
+from leaderboard.aggregate import DELTA_M_ROUNDING_TOL
+from leaderboard.build import Leaderboard, Section, section_plot_path
+
+MISSING = "–"
+BUILD_COMMAND = "leaderboard build results/ -o LEADERBOARD.md --plot docs/pareto.png"
+UNVERIFIED = "†"
+MISMATCH = "⚠"
+
+
+def arrow(higher_is_better: bool) -> str:
+    return "↑" if higher_is_better else "↓"
+
+
+def task_header(protocol: Protocol, task: str) -> str:
+    t = protocol.task(task)
+    return f"{t.label}{' %' if t.percent else ''} {arrow(t.higher_is_better)}"
+
+
+def _isnan(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def fmt(v: Any, spec: str = ".2f") -> str:
+    """A number with a fixed format, or the missing marker."""
+    return MISSING if _isnan(v) else format(v, spec)
+
+
+def _cell_metric(mean: float, std: float, n: int) -> str:
+    if n >= 2 and not _isnan(std):
+        return f"{mean:.2f} ± {std:.2f}"
+    return fmt(mean)
+
+
+def _source_cell(row: dict[str, Any], section: Section) -> str:
+    if row["kind"] == "reproduced":
+        return "reproduced"
+    pub = next(p for p in section.published if p.id == row["id"])
+    text = f"{pub.source} ({pub.table})" if pub.table else pub.source
+    return text if pub.verified else f"{text} {UNVERIFIED}"
+
+
+def _params_cell(row: dict[str, Any]) -> str:
+    lo, hi = row["params_m"], row["params_m_max"]
+    if not _isnan(lo) and not _isnan(hi) and f"{lo:.2f}" != f"{hi:.2f}":
+        return f"{lo:.2f}–{hi:.2f}"
+    return fmt(lo)
+
+
+def table_rows(section: Section) -> tuple[list[str], list[list[str]]]:
+    """Headers and string cells of a section's main table (all formatting happens here)."""
+    p = section.protocol
+    headers = ["#", "Method", "Config", "Source"]
+    headers += [task_header(p, t) for t in p.task_names]
+    headers += ["Δm % ↑", "Δm printed", "Trainable (M) ↓", "Seeds", "Selection", "Train img/s ↑", "Peak mem (GiB) ↓"]
+    rows = []
+    for i, row in enumerate(section.frame.to_dict("records"), start=1):
+        reproduced = row["kind"] == "reproduced"
+        printed = MISSING if reproduced else f"{row['delta_m_printed']:+.2f}"
+        if row["mismatch"]:
+            printed += f" {MISMATCH}"
+        rows.append(
+            [
+                str(i),
+                row["method"] if reproduced else row["label"] + (f" [{row['init']}]" if row["init_differs"] else ""),
+                row["config_text"],
+                _source_cell(row, section),
+                *(_cell_metric(row[t], row[f"{t}_std"], row["n_seeds"]) for t in p.task_names),
+                MISSING if _isnan(row["delta_m"]) else f"{row['delta_m']:+.2f}",
+                printed,
+                _params_cell(row),
+                f"{row['n_seeds']} ({row['seeds']})" if reproduced else MISSING,
+                row["selection"] or MISSING,
+                fmt(row["img_s"], ".1f"),
+                fmt(row["mem_gib"], ".2f"),
+            ]
+        )
+    return headers, rows
+
+
+def markdown_table(headers: list[str], rows: list[list[str]], align: list[str]) -> str:
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, colalign=align)
+
+
+def _reference_line(p: Protocol) -> str:
+    ref = get_reference(p.reference)
+    vals = ", ".join(f"{p.task(t).label} {ref.values[t]:g}" for t in p.task_names)
+    return (
+        f"Δm: mean signed relative change against the single-task reference `{ref.name}` ({vals}; "
+        f"{ref.backbone}, {ref.init}, {ref.image_size}px; {ref.source}), in %, positive is better. "
+        "It is recomputed here from each row's per-task values (the mean over seeds for reproduced rows); "
+        '"Δm printed" is the number the source prints.'
+    )
+
+
+def render_section(section: Section, lb: Leaderboard, plot_link: str | None) -> list[str]:
+    p = section.protocol
+    out = [f"## {p.name} v{p.version} ({p.backbone}, {p.image_size}×{p.image_size}, {len(p.tasks)} tasks)", ""]
+    out += [_reference_line(p), ""]
+    n_groups = section.n_reproduced_groups
+    if n_groups == 0:
+        out += ["No reproduced runs yet: the table holds published rows only.", ""]
+    else:
+        n_runs = sum(1 for r in lb.results.runs if r.data["protocol"]["name"] == p.name)
+        out += [f"Reproduced: {n_runs} run(s) in {n_groups} group(s) (method, config, preset, selection rule).", ""]
+    headers, rows = table_rows(section)
+    n_tasks = len(p.tasks)
+    align = ["right", "left", "left", "left"] + ["right"] * (n_tasks + 3) + ["left", "left", "right", "right"]
+    out += [markdown_table(headers, rows, align), ""]
+    foot = [
+        "Per-task values are in table units (mIoU in %, normals mean angle in degrees); reproduced rows show "
+        "mean ± sample std over seeds. Trainable parameters in millions (as printed, for published rows). "
+        "Throughput and peak memory are the training figures the runs record.",
+    ]
+    if any(not r.verified for r in section.published):
+        foot.append(f"{UNVERIFIED} Secondary quote, not yet verified against the paper (`verified` column).")
+    for row in section.frame.to_dict("records"):
+        if row["mismatch"]:
+            foot.append(
+                f"{MISMATCH} `{row['id']}`: printed Δm {row['delta_m_printed']:+.2f} differs from the recomputed "
+                f"{row['delta_m']:+.2f} by more than rounding ({DELTA_M_ROUNDING_TOL}). {row['mismatch']}"
+            )
+    out += [line for f in foot for line in (f, "")]
+    if plot_link:
+        out += [f"![Δm against trainable parameters, {p.name} v{p.version}]({plot_link})", ""]
+        unplotted = [r for r in section.frame.to_dict("records") if _isnan(r["params_m"]) or _isnan(r["delta_m"])]
+        if unplotted:
+            names = ", ".join(r["label"] for r in unplotted)
+            out += [f"Not in the plot (no parameter count): {names}.", ""]
+    noted = [r for r in section.published if r.notes]
+    if noted:
+        out += ["### Notes on published rows", ""]
+        out += [f"- `{r.id}` ({r.label}, {r.source}): {r.notes}" for r in noted]
+        out += [""]
+    if section.fragments:
+        out += [
+            "### Unverified fragments",
+            "",
+            "Δm / parameter numbers without per-task values and of uncertain attribution: never plotted, never "
+            f"checked (`leaderboard/published/{p.name}.fragments.csv`).",
+            "",
+        ]
+        frag_rows = [
+            [f.label, MISSING if f.delta_m_printed is None else f"{f.delta_m_printed:+.2f}", fmt(f.params_m_printed),
+             f.claimed_source, f.notes]
+            for f in section.fragments
+        ]  # fmt: skip
+        out += [
+            tabulate(
+                frag_rows,
+                headers=["Method", "Δm printed", "Params (M)", "Claimed source", "Notes"],
+                tablefmt="github",
+                disable_numparse=True,
+                colalign=["left", "right", "right", "left", "left"],
+            ),
+            "",
+        ]
+    return out
+
+
+def render_markdown(lb: Leaderboard, plot_link: str | None = "docs/pareto.png") -> str:
+    """The whole LEADERBOARD.md text; the same inputs give the same bytes."""
+    out = [
+        "# Leaderboard",
+        "",
+        "<!-- Generated file, do not edit: `leaderboard check` fails when it differs from a fresh build. -->",
+        "",
+        f"Generated by `{BUILD_COMMAND}` from the committed result files (`results/<protocol>/<method>/<run_id>.json`, "
+        "status success only)"
+        + (" and the published rows in `leaderboard/published/`." if lb.include_published else "."),
+        "",
+    ]
+    if lb.results.skipped:
+        out += [f"Skipped {len(lb.results.skipped)} result file(s):", ""]
+        out += [f"- `{path.as_posix()}`: {why}" for path, why in lb.results.skipped] + [""]
+    for section in lb.sections:
+        link = section_plot_path(plot_link, section, len(lb.sections)) if plot_link else None
+        out += render_section(section, lb, link)
+    while out and out[-1] == "":
+        out.pop()
+    return "\n".join(out) + "\n"
+
+
+def frame_to_csv(lb: Leaderboard) -> str:
+    """All sections as one CSV (numbers unrounded at 6 decimals, lists joined by ';')."""
+    frames = []
+    for s in lb.sections:
+        df = s.frame.copy()
+        df.insert(0, "protocol", f"{s.protocol.name}.v{s.protocol.version}")
+        df["run_ids"] = df["run_ids"].map(lambda ids: ";".join(ids))
+        frames.append(df)
+    if not frames:
+        return ""
+    return pd.concat(frames, ignore_index=True).to_csv(index=False, float_format="%.6f", lineterminator="\n")
