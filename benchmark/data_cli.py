@@ -1,0 +1,284 @@
+"""``benchmark-data``: generate, check and fetch the PASCAL-Context multi-task data.
+
+    benchmark-data synth --out DIR [--train N] [--val M] [--seed S]   # small generated dataset, real layout
+    benchmark-data check DIR [--tasks semseg,normals] [--split val]   # exit 0 only if the folder is usable
+    benchmark-data fetch --dest DIR [--url URL] [--sha256 HEX]        # download (resumable), verify, extract, check
+
+Errors print one line on stderr and exit non-zero; nothing half-written is left behind (a download keeps only
+its ``.part`` file, so the next ``fetch`` resumes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
+
+from benchmark.dataset import SPLITS, TASKS, DatasetError, check_dataset
+
+DEFAULT_URL = "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz"  # protocol.md 1
+_CHUNK = 1 << 20
+
+
+class FetchError(DatasetError):
+    """A download, checksum or archive problem; the message says what to do next."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fetch
+
+
+def _archive_name(url: str) -> str:
+    name = PurePosixPath(urllib.parse.urlparse(url).path).name
+    return name if re.fullmatch(r"[A-Za-z0-9._-]+", name or "") else "dataset.tar"
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """(first byte, total size) of a 'bytes a-b/total' or 'bytes */total' header."""
+    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value or "")
+    if not m:
+        return None, None
+    first = int(m.group(1)) if m.group(1) is not None else None
+    total = int(m.group(2)) if m.group(2) != "*" else None
+    return first, total
+
+
+def download(url: str, target: Path, log: Callable[[str], None] = print, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``target``, resuming ``target.part`` with an HTTP Range request when it exists."""
+    part = target.with_name(target.name + ".part")
+    offset = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        resp = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:
+            _, total = _content_range(e.headers.get("Content-Range"))
+            if total == offset:  # the .part file already holds everything
+                os.replace(part, target)
+                return target
+            raise FetchError(
+                f"{part}: server refused to resume at byte {offset} (HTTP 416); delete it and retry"
+            ) from e
+        raise FetchError(f"{url}: HTTP {e.code} {e.reason}; expected the dataset archive") from e
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise FetchError(f"{url}: cannot connect ({e}); check the URL and the network") from e
+    with resp:
+        status = resp.status
+        if status == 206:
+            first, total = _content_range(resp.headers.get("Content-Range"))
+            if first != offset:
+                raise FetchError(f"{url}: server resumed at byte {first}, expected {offset}; delete {part} and retry")
+            mode = "ab"
+        elif status == 200:
+            if offset:
+                log(f"server does not support resuming; downloading {target.name} from the start")
+            offset, mode = 0, "wb"
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        else:
+            raise FetchError(f"{url}: unexpected HTTP status {status}; expected 200 or 206")
+        if offset:
+            log(f"resuming {target.name} at {offset} bytes")
+        received = offset
+        next_report = received + max((total or 0) // 10, 50 * _CHUNK)
+        with open(part, mode) as f:
+            try:
+                while True:
+                    chunk = resp.read(_CHUNK)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    received += len(chunk)
+                    if received >= next_report:
+                        log(f"  {received / 2**20:.0f} MiB" + (f" of {total / 2**20:.0f} MiB" if total else ""))
+                        next_report = received + max((total or 0) // 10, 50 * _CHUNK)
+            except (OSError, http.client.HTTPException) as e:
+                f.flush()
+                raise FetchError(
+                    f"{url}: download interrupted after {received} bytes ({e}); run the same command to resume "
+                    f"(partial file kept: {part})"
+                ) from e
+    if total is not None and received != total:
+        raise FetchError(
+            f"{url}: download interrupted after {received} of {total} bytes; run the same command to resume "
+            f"(partial file kept: {part})"
+        )
+    os.replace(part, target)
+    return target
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _safe_members(archive: Path, tar: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], list[str]]:
+    """Members to extract (plain files and folders only) and the top-level names; anything that could write
+    outside the destination (absolute paths, '..', links, devices) is an error."""
+    members, tops = [], []
+    for m in tar.getmembers():
+        p = PurePosixPath(m.name)
+        if m.name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", m.name) or ".." in p.parts or "\\" in m.name:
+            raise FetchError(f"{archive}: member {m.name!r} would be written outside the destination; refusing")
+        if not (m.isfile() or m.isdir()):
+            raise FetchError(f"{archive}: member {m.name!r} is a link or special file; expected files and folders")
+        parts = [x for x in p.parts if x not in ("", ".")]
+        if not parts:
+            continue
+        if parts[0] not in tops:
+            tops.append(parts[0])
+        members.append(m)
+    if not tops:
+        raise FetchError(f"{archive}: the archive is empty; expected the PASCAL_MT folder")
+    return members, tops
+
+
+def extract(archive: Path, dest: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Extract ``archive`` into ``dest`` through a temporary folder; returns the top-level paths."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members, tops = _safe_members(archive, tar)
+            targets = [dest / t for t in tops]
+            existing = [t for t in targets if t.exists()]
+            if existing and len(existing) == len(targets):
+                log(f"already extracted: {', '.join(str(t) for t in targets)}")
+                return targets
+            if existing:
+                raise FetchError(f"{existing[0]}: already exists; remove it or choose another --dest")
+            tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+            try:
+                log(f"extracting {archive.name} ...")
+                kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tar.extractall(tmp, members=members, **kwargs)
+                for t in tops:
+                    os.replace(tmp / t, dest / t)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise FetchError(f"{archive}: cannot extract ({e}); expected a (gzipped) tar archive") from e
+    return targets
+
+
+def fetch(
+    dest: str | os.PathLike[str],
+    url: str = DEFAULT_URL,
+    sha256: str | None = None,
+    log: Callable[[str], None] = print,
+    timeout: float = 60.0,
+) -> Path:
+    """Download (resuming), verify, extract into ``dest``; return the dataset root (the folder with JPEGImages)."""
+    dest = Path(dest).expanduser()
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise FetchError(f"--sha256 {sha256!r}: expected 64 hexadecimal digits")
+    if urllib.parse.urlparse(url).scheme not in ("http", "https"):
+        raise FetchError(f"{url}: expected an http(s) URL")
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = dest / _archive_name(url)
+    if archive.is_file():
+        log(f"{archive} already downloaded")
+    else:
+        log(f"downloading {url} -> {archive}")
+        download(url, archive, log, timeout)
+    digest = sha256_of(archive)
+    if sha256 is None:
+        log(f"sha256 {digest} (pass --sha256 to verify it next time)")
+    elif digest.lower() != sha256.lower():
+        raise FetchError(
+            f"{archive}: sha256 {digest} does not match the expected {sha256.lower()}; nothing was extracted. "
+            "Delete the file to download it again, or check the --sha256 value"
+        )
+    tops = extract(archive, dest, log)
+    for candidate in [*tops, dest]:
+        if (candidate / "JPEGImages").is_dir():
+            return candidate
+    raise FetchError(f"{archive}: no JPEGImages/ folder in the extracted files {[t.name for t in tops]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _names(values: Sequence[str] | None, allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    if not values:
+        return tuple(allowed)
+    names = [n for v in values for n in v.split(",") if n]
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise DatasetError(f"unknown {what} {bad}; expected some of {list(allowed)}", None, "config")
+    return tuple(dict.fromkeys(names))
+
+
+def _run_check(root: Path, splits: Sequence[str], tasks: Sequence[str]) -> int:
+    report = check_dataset(root, splits, tasks, progress=lambda m: print(m, file=sys.stderr))
+    for line in report.lines():
+        print(line)
+    if report.ok:
+        print(f"OK: usable for splits {list(splits)} and tasks {list(tasks)}")
+        return 0
+    n = sum(len(p.names) for p in report.problems)
+    print(f"NOT USABLE: {n} problem(s) in {len(report.problems)} group(s)", file=sys.stderr)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="benchmark-data", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("synth", help="write a small generated dataset in the real PASCAL_MT layout")
+    p.add_argument("--out", required=True, type=Path, help="new (or empty) output folder")
+    p.add_argument("--train", type=int, default=64, help="train images (default 64)")
+    p.add_argument("--val", type=int, default=16, help="val images (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("check", help="validate a dataset folder; exit 0 only when it is usable")
+    p.add_argument("root", type=Path)
+    p.add_argument("--tasks", nargs="+", help=f"subset of {','.join(TASKS)} (default all)")
+    p.add_argument("--split", nargs="+", help=f"subset of {','.join(SPLITS)} (default all)")
+    p = sub.add_parser("fetch", help="download, verify and extract the dataset, then check it")
+    p.add_argument("--dest", required=True, type=Path, help="folder to download and extract into")
+    p.add_argument("--url", default=DEFAULT_URL)
+    p.add_argument("--sha256", help="expected checksum of the archive")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "synth":
+            out = make_synthetic(args.out, args.train, args.val, args.seed)
+            print(f"wrote {args.train} train + {args.val} val images to {out}")
+            return 0
+        if args.command == "check":
+            return _run_check(args.root, _names(args.split, SPLITS, "splits"), _names(args.tasks, TASKS, "tasks"))
+        if args.command == "fetch":
+            root = fetch(args.dest, args.url, args.sha256)
+            return _run_check(root, SPLITS, TASKS)
+    except (ValueError, OSError) as e:  # DatasetError, FetchError, synth's errors, unwritable folders
+        print(f"benchmark-data {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"benchmark-data {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+def make_synthetic(out: Path, n_train: int, n_val: int, seed: int) -> Path:
+    from benchmark.synth import make_synthetic_dataset  # imported lazily: check/fetch do not need it
+
+    return make_synthetic_dataset(out, n_train, n_val, seed)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

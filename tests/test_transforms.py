@@ -1,0 +1,143 @@
+"""Transforms of protocol.md 2.2 / 2.3 on small hand-made arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmark.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    add_ignore_regions,
+    build_transforms,
+    cast_uint8,
+    hflip,
+    resize,
+    scale_rotate,
+)
+
+
+def _sample(h: int = 12, w: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = rng.normal(size=(h, w, 3))
+    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    n[:5] = 0.0  # an invalid (ignored) band
+    parts = np.zeros((h, w), np.uint8)
+    parts[4:8, 5:9] = rng.integers(1, 7, (4, 4))
+    return {
+        "image": rng.uniform(0, 255, (h, w, 3)),
+        "semseg": rng.integers(0, 21, (h, w)).astype(np.uint8),
+        "human_parts": parts,
+        "sal": rng.integers(0, 2, (h, w)).astype(np.uint8),
+        "normals": n,
+    }
+
+
+def test_cast_uint8_wrap_and_clamp():
+    x = np.array([-300.2, -3.7, -1.0, -0.9, 0.0, 12.9, 254.99, 255.0, 255.7, 256.0, 257.2, 600.0])
+    wrap = cast_uint8(x, "wrap")
+    clamp = cast_uint8(x, "clamp")
+    # C truncation toward zero, then modulo 256 (what astype(uint8) does on x86-64)
+    assert wrap.tolist() == [int(np.trunc(v)) % 256 for v in x]
+    assert wrap[1] == 253 and wrap[5] == 12 and wrap[10] == 1
+    assert clamp.tolist() == [0, 0, 0, 0, 0, 12, 254, 255, 255, 255, 255, 255]
+    in_range = (x > -1) & (x < 256)
+    assert (wrap[in_range] == clamp[in_range]).all()
+    with pytest.raises(ValueError, match="uint8_cast"):
+        cast_uint8(x, "round")
+    with pytest.raises(ValueError, match="uint8_cast"):
+        build_transforms(8, train=False, uint8_cast="round")
+
+
+def test_hflip_mirrors_and_negates_normal_x():
+    s = _sample()
+    f = hflip(s)
+    for key in s:
+        assert f[key].shape == s[key].shape
+    assert np.array_equal(f["semseg"], s["semseg"][:, ::-1])
+    assert np.array_equal(f["normals"][..., 0], -s["normals"][:, ::-1, 0])
+    assert np.array_equal(f["normals"][..., 1:], s["normals"][:, ::-1, 1:])
+    assert np.array_equal(f["image"], s["image"][:, ::-1])
+
+
+def test_scale_rotate_identity_and_border():
+    s = _sample()
+    same = scale_rotate(s, 0.0, 1.0)
+    for key in ("semseg", "human_parts", "sal"):
+        assert np.array_equal(same[key], s[key])
+    # Shrinking leaves a constant-0 border: background for the label maps, a zero (ignored) normal.
+    small = scale_rotate(s, 0.0, 0.5)
+    for key in ("semseg", "sal", "human_parts"):
+        assert (small[key][0] == 0).all() and (small[key][:, 0] == 0).all()
+    assert (small["normals"][0] == 0).all()
+    ignored = add_ignore_regions(resize(small, 8))
+    assert (ignored["normals"][0] == 255).all()
+    assert (ignored["semseg"][0] == 0).all()
+
+
+def test_scale_rotate_rotates_normal_vectors_in_plane():
+    n = np.zeros((9, 9, 3))
+    n[...] = (1.0, 0.0, 0.0)
+    out = scale_rotate({"normals": n}, 90.0, 1.0)["normals"]
+    # (x, y) -> (x cos a + y sin a, y cos a - x sin a) with a = 90 degrees: (1, 0) -> (0, -1)
+    np.testing.assert_allclose(out[4, 4], [0.0, -1.0, 0.0], atol=1e-12)
+
+
+def test_resize_renormalises_and_marks_ignore():
+    s = _sample()
+    r = add_ignore_regions(resize(s, 10))
+    assert r["normals"].shape == (10, 10, 3) and r["semseg"].shape == (10, 10)
+    n = r["normals"]
+    ignored = (n == 255).all(-1)
+    assert ignored.any() and (~ignored).any()
+    np.testing.assert_allclose(np.linalg.norm(n[~ignored], axis=-1), 1.0, atol=1e-12)
+    # nearest keeps label values
+    assert set(np.unique(r["semseg"])) <= set(np.unique(s["semseg"]))
+
+
+def test_all_zero_parts_become_ignore():
+    s = _sample()
+    s["human_parts"][:] = 0
+    out = add_ignore_regions(s)
+    assert (out["human_parts"] == 255).all()
+    s2 = _sample()
+    assert add_ignore_regions(s2)["human_parts"].max() <= 6
+
+
+def test_val_transform_tensors_and_normalisation():
+    s = _sample()
+    t = build_transforms(8, train=False, label_dtype=torch.float64)
+    out = t(s)
+    assert out["image"].dtype == torch.float32 and out["image"].shape == (3, 8, 8)
+    for key, c in (("semseg", 1), ("human_parts", 1), ("sal", 1), ("normals", 3)):
+        assert out[key].shape == (c, 8, 8) and out[key].dtype == torch.float64
+    img = cast_uint8(resize({"image": s["image"]}, 8)["image"], "clamp").astype(np.float32) / 255
+    expected = (torch.from_numpy(img.transpose(2, 0, 1)) - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
+        IMAGENET_STD
+    )[:, None, None]
+    torch.testing.assert_close(out["image"], expected, rtol=0, atol=1e-6)
+    # deterministic: epoch and index do not matter for val
+    again = t(s, epoch=3, index=7)
+    for key in out:
+        assert torch.equal(out[key], again[key])
+
+
+def test_train_transform_seeded_per_sample():
+    s = _sample(20, 28)
+    t = build_transforms(16, train=True, seed=5)
+    a = t(s, epoch=0, index=3)
+    b = t(s, epoch=0, index=3)
+    c = t(s, epoch=1, index=3)
+    d = build_transforms(16, train=True, seed=6)(s, epoch=0, index=3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["image"], c["image"])
+    assert not torch.equal(a["image"], d["image"])
+    flips, angles, scales = zip(*(t.draw(e, i) for e in range(20) for i in range(20)), strict=True)
+    assert 0.3 < np.mean(flips) < 0.7
+    assert -20 <= min(angles) < -15 and 15 < max(angles) <= 20
+    assert 0.75 <= min(scales) < 0.8 and 1.2 < max(scales) <= 1.25
+    assert a["image"].shape == (3, 16, 16) and a["normals"].shape == (3, 16, 16)
+    valid = (a["normals"] != 255).all(0)
+    torch.testing.assert_close(a["normals"][:, valid].norm(dim=0), torch.ones(int(valid.sum())), atol=1e-5, rtol=0)
+    assert set(a["semseg"].unique().tolist()) <= set(range(21))
