@@ -1,0 +1,685 @@
+"""Official MTLoRA checkpoints and parity with the official implementation.
+
+- ``load_official_state_dict``: an official ``MultiTaskSwin`` state dict (scale-lab/MTLoRA) onto this
+  project's model (key naming: ../shared/fixtures/official_parity/README.md section 1, protocol.md 8);
+- ``load_pretrained_backbone``: ImageNet Swin weights (timm or original Microsoft release format);
+- ``build_from_fixture_config``: this implementation built from a parity fixture's ``config`` dict;
+- ``parity_checks``: a ``model_*.pt`` fixture (and its ``model_*_grad.pt`` companion) against this code.
+
+Official -> local key mapping:
+
+=====================================================  =============================================
+official                                               local
+=====================================================  =============================================
+``backbone.X.linear.{weight,bias}``                    ``backbone.swin.X.{weight,bias}``
+``backbone.layers.i.downsample.*``                     ``backbone.swin.layers.{i+1}.downsample.*``
+``backbone.*lora_shared_A`` / ``lora_tasks_A.<t>``     same name under ``backbone.swin.``
+``backbone.*relative_position_index``, ``attn_mask``   dropped (recomputed by timm, identical values)
+``downsampler.<t>.downsample_k.weight``                ``decoders.<t>.proj.k.weight``
+``decoders.decoders.<t>.last_layer.k.*``               ``decoders.<t>.head.k.*``
+=====================================================  =============================================
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from benchmark.model import ModelConfig, MultiTaskModel, SwinConfig
+from benchmark.params import count_parameters
+from benchmark.parity import Check
+
+# Parity tolerance (fixture README section 5): the official model in float64 vs its stored float32
+# outputs differs by up to 1.03e-5 absolute at an output scale of ~9 (1.4e-6 relative L2): a correct
+# float32 re-implementation lands within 1e-5 of the largest magnitude. Injected mistakes move the
+# outputs by >= 7e-4 relative (tanh GELU), most by 1e-2 or more.
+REL_TOL = 1e-5
+# Gradients have no noise floor in the README; measured on the public fixture: this implementation
+# (float32) agrees with the official gradients to <= 5.4e-5 of each tensor's largest gradient, while the
+# same model run in float64 instead moves them by up to 1.1e-2 (ReLU units in the decoder heads whose
+# pre-activation is within rounding of 0 flip, and conv biases before BatchNorm have a true gradient of
+# 0, so their stored values are pure rounding). The tolerance sits between the two: 1e-3 of the tensor's
+# largest gradient, plus an absolute floor of 1e-6 of the global gradient norm for gradients that are
+# sums of cancelling terms. Backward mistakes (a missing or extra path, wrong scale) move them by O(1e-2..1).
+GRAD_REL_TOL = 1e-3
+GRAD_ABS_FLOOR = 1e-6
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model (wrong architecture, nothing matched, unreadable)."""
+
+
+@dataclass
+class LoadReport:
+    """What a checkpoint load placed where."""
+
+    loaded: list[str] = field(default_factory=list)  # model keys filled from the checkpoint
+    unexpected: list[str] = field(default_factory=list)  # checkpoint keys that could not be placed
+    missing: list[str] = field(default_factory=list)  # model keys left unfilled
+    ignored: list[str] = field(default_factory=list)  # checkpoint keys dropped on purpose (buffers, head)
+
+    @property
+    def complete(self) -> bool:
+        return not self.unexpected and not self.missing
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def summary(self) -> str:
+        def few(xs: list[str]) -> str:
+            return ", ".join(xs[:5]) + (f" ... (+{len(xs) - 5})" if len(xs) > 5 else "")
+
+        parts = [f"loaded {len(self.loaded)} tensors"]
+        if self.ignored:
+            parts.append(f"ignored {len(self.ignored)}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unplaced checkpoint keys: {few(self.unexpected)}")
+        if self.missing:
+            parts.append(f"{len(self.missing)} model keys not in the checkpoint: {few(self.missing)}")
+        return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- reading checkpoint files
+
+
+class _Opaque(dict):
+    """Stand-in for any non-tensor class in a checkpoint (e.g. the official yacs config): never executed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def __setstate__(self, state: Any) -> None:
+        self["__state__"] = state
+
+
+class _StubUnpickler(pickle.Unpickler):
+    """Resolves only what torch's weights-only loader allows; every other global becomes ``_Opaque``."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _allowed_globals()
+        key = f"{module}.{name}"
+        if key in allowed:
+            return allowed[key]
+        return _Opaque
+
+
+def _allowed_globals() -> dict[str, Any]:
+    from torch import _weights_only_unpickler
+
+    return _weights_only_unpickler._get_allowed_globals()
+
+
+def load_checkpoint_file(path: str | Path) -> Any:
+    """``torch.load`` without running code from the file.
+
+    Tries the weights-only loader; a file that also holds other objects (official MTLoRA checkpoints
+    store their yacs config) is read again with every unknown class replaced by an inert stand-in.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    except Exception as e:  # not a torch file at all
+        raise CheckpointError(f"checkpoint {path}: cannot be read by torch.load ({e})") from None
+    stub = types.SimpleNamespace(Unpickler=_StubUnpickler, load=pickle.load, __name__="stub_pickle")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=stub)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({e})") from None
+
+
+def _state_dict_of(obj: Any, source: str) -> dict[str, Tensor]:
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    elif isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(
+            f"{source}: expected a state dict (or {{'model': state_dict}}), got {type(obj).__name__}"
+        )
+    sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not sd:
+        raise CheckpointError(f"{source}: the state dict holds no tensors")
+    return sd
+
+
+# --------------------------------------------------------------------------- official -> local keys
+
+_DROP = ("relative_position_index", "attn_mask")
+
+
+def official_to_local_key(key: str) -> str | None:
+    """The local name of an official state-dict key; None for buffers that are recomputed (dropped)."""
+    if key.rsplit(".", 1)[-1] in _DROP:
+        return None
+    if key.startswith("backbone."):
+        k = key[len("backbone.") :]
+        k = k.replace(".linear.", ".")
+        k = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", k)
+        return "backbone.swin." + k
+    m = re.match(r"^downsampler\.([^.]+)\.downsample_(\d+)\.(.+)$", key)
+    if m:
+        return f"decoders.{m.group(1)}.proj.{m.group(2)}.{m.group(3)}"
+    m = re.match(r"^decoders\.decoders\.([^.]+)\.last_layer\.(.+)$", key)
+    if m:
+        return f"decoders.{m.group(1)}.head.{m.group(2)}"
+    return key
+
+
+def to_official_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """This model's state dict under the official names (the inverse of ``official_to_local_key``).
+
+    Linears wrapped by MTLoRA get the official ``.linear.`` infix; structural buffers are not included.
+    """
+    from methods.mtlora import MTLoRALinear
+
+    wrapped = {name for name, m in model.named_modules() if isinstance(m, MTLoRALinear)}
+    out: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        if module in wrapped and leaf in ("weight", "bias"):
+            key = f"{module}.linear.{leaf}"
+        if key.startswith("backbone.swin."):
+            k = key[len("backbone.swin.") :]
+            k = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", k)
+            key = "backbone." + k
+        else:
+            m = re.match(r"^decoders\.([^.]+)\.proj\.(\d+)\.(.+)$", key)
+            if m:
+                key = f"downsampler.{m.group(1)}.downsample_{m.group(2)}.{m.group(3)}"
+            m = re.match(r"^decoders\.([^.]+)\.head\.(.+)$", key)
+            if m:
+                key = f"decoders.decoders.{m.group(1)}.last_layer.{m.group(2)}"
+        out[key] = value
+    return out
+
+
+def load_official_state_dict(model: nn.Module, state_dict: Mapping[str, Any] | str | Path) -> LoadReport:
+    """Load an official MTLoRA (``MultiTaskSwin``) state dict, a ``{'model': ...}`` dict or such a file.
+
+    Every key is mapped (see the module docstring) and shape-checked; structural buffers are dropped.
+    Raises ``CheckpointError`` when shapes disagree or nothing matches (another architecture).
+    """
+    source = str(state_dict) if isinstance(state_dict, (str, Path)) else "state dict"
+    raw = load_checkpoint_file(state_dict) if isinstance(state_dict, (str, Path)) else state_dict
+    sd = _state_dict_of(raw, source)
+    own = model.state_dict()
+    report = LoadReport()
+    mapped: dict[str, Tensor] = {}
+    mismatched: list[str] = []
+    for key, value in sd.items():
+        local = official_to_local_key(key)
+        if local is None:
+            report.ignored.append(key)
+        elif local not in own:
+            report.unexpected.append(key)
+        elif own[local].shape != value.shape:
+            mismatched.append(f"{key} {tuple(value.shape)} -> {local} {tuple(own[local].shape)}")
+        else:
+            mapped[local] = value
+    if mismatched:
+        raise CheckpointError(
+            f"{source}: {len(mismatched)} tensors have the wrong shape for this model (another architecture "
+            f"or configuration?): " + "; ".join(mismatched[:5])
+        )
+    if not mapped:
+        raise CheckpointError(
+            f"{source}: none of its {len(sd)} keys matches this model (first keys: {list(sd)[:3]}); "
+            "is it an official MTLoRA checkpoint?"
+        )
+    model.load_state_dict(mapped, strict=False)
+    report.loaded = sorted(mapped)
+    report.missing = sorted(set(own) - set(mapped))
+    return report
+
+
+def load_pretrained_backbone(backbone: nn.Module, path: str | Path) -> LoadReport:
+    """ImageNet Swin weights into a backbone with a timm ``swin`` (plain, or with MTLoRA layers).
+
+    Accepts timm checkpoints and the original release (``{'model': ...}`` with ``layers.i.downsample``,
+    ``head.*``); the classifier and the final norm are ignored (the official backbone has neither).
+    """
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    swin = getattr(backbone, "swin", None)
+    if swin is None:
+        raise ValueError(f"load_pretrained_backbone: {type(backbone).__name__} has no timm 'swin' module")
+    sd = _state_dict_of(load_checkpoint_file(path), str(path))
+    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
+    report = LoadReport()
+    # buffers timm recomputes, and the classifier / final norm the official backbone does not have
+    report.ignored = sorted(k for k in sd if k.rsplit(".", 1)[-1] in _DROP or k.startswith(("head.", "norm.")))
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "norm."))}
+    try:
+        sd = checkpoint_filter_fn(sd, swin)  # moves downsample one stage, renames head, resizes tables
+    except Exception as e:
+        raise CheckpointError(f"{path}: does not fit this Swin backbone (another variant?): {e}") from None
+    own = swin.state_dict()
+    mapped: dict[str, Tensor] = {}
+    mismatched = []
+    for k, v in sd.items():
+        if k not in own:
+            report.unexpected.append(k)
+        elif own[k].shape != v.shape:
+            mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
+        else:
+            mapped[k] = v
+    if mismatched:
+        raise CheckpointError(
+            f"{path}: does not fit this Swin backbone, {len(mismatched)} tensors differ in shape: "
+            + "; ".join(mismatched[:5])
+        )
+    if not mapped:
+        raise CheckpointError(f"{path}: no key matches a Swin backbone (first keys: {list(sd)[:3]})")
+    swin.load_state_dict(mapped, strict=False)
+    report.loaded = sorted(mapped)
+    report.missing = sorted(set(own) - set(mapped))
+    return report
+
+
+# --------------------------------------------------------------------------- building from a fixture config
+
+
+def _need(config: Mapping[str, Any], key: str) -> Any:
+    if key not in config:
+        raise ValueError(f"fixture config: missing field {key!r}")
+    return config[key]
+
+
+def _per_stage(value: Any, n: int, name: str) -> tuple[int, ...]:
+    vals = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(vals) != n:
+        raise ValueError(f"fixture config: {name} has {len(vals)} entries for {n} stages")
+    return tuple(int(v) for v in vals)
+
+
+def build_from_fixture_config(
+    config: Mapping[str, Any],
+    drop_path_rate: float | None = None,
+    lora_dropout: float | None = None,
+) -> tuple[MultiTaskModel, Any]:
+    """This implementation of the model a fixture's ``config`` describes; returns (model, method config).
+
+    Every size, rank, scale, task and layer set is read from ``config``; anything this implementation
+    cannot represent is a ValueError. ``drop_path_rate`` / ``lora_dropout`` override the training-only
+    noise (the gradient fixtures run with both at 0).
+    """
+    from methods.mtlora import MTLoRAConfig, MTLoRAPlusConfig, _apply
+
+    unsupported = {
+        "absolute_pos_embed": (config.get("absolute_pos_embed", False), False),
+        "final_backbone_norm": (config.get("final_backbone_norm", False), False),
+        "patch_embed_norm": (config.get("patch_embed_norm", True), True),
+    }
+    for key, (got, want) in unsupported.items():
+        if bool(got) != want:
+            raise ValueError(f"fixture config: {key}={got!r} is not supported (expected {want!r})")
+    scale_rule = str(config.get("attention_scale", "head_dim ** -0.5")).replace(" ", "")
+    if scale_rule != "head_dim**-0.5":
+        raise ValueError(f"fixture config: attention_scale {config['attention_scale']!r} is not supported")
+    act = str(config.get("mlp_activation", "GELU (exact erf form)")).lower()
+    if "gelu" not in act or "tanh" in act:
+        raise ValueError(f"fixture config: mlp_activation {config['mlp_activation']!r} is not supported (exact GELU)")
+
+    depths = tuple(int(d) for d in _need(config, "depths"))
+    n = len(depths)
+    lora = dict(_need(config, "lora"))
+    if str(lora.get("lora_bias", "none")) != "none":
+        raise ValueError(f"fixture config: lora.lora_bias {lora['lora_bias']!r} is not supported")
+    train_noise = lora.get("lora_dropout_train_only", lora.get("lora_dropout", 0.0))
+    swin = SwinConfig(
+        embed_dim=int(_need(config, "embed_dim")),
+        depths=depths,
+        num_heads=tuple(int(h) for h in _need(config, "num_heads")),
+        window_size=int(_need(config, "window_size")),
+        patch_size=int(config.get("patch_size", 4)),
+        mlp_ratio=float(config.get("mlp_ratio", 4.0)),
+        qkv_bias=bool(config.get("qkv_bias", True)),
+        in_chans=int(config.get("in_chans", 3)),
+        img_size=int(_need(config, "img_size")),
+        drop_path_rate=float(
+            config.get("drop_path_rate_train_only", 0.0) if drop_path_rate is None else drop_path_rate
+        ),
+    )
+    tasks = list(_need(config, "tasks"))
+    num_outputs = dict(_need(config, "num_outputs"))
+    missing = [t for t in tasks if t not in num_outputs]
+    if missing:
+        raise ValueError(f"fixture config: num_outputs lacks {missing}")
+    dec = dict(config.get("decoder", {}))
+    if "hrnet" not in str(dec.get("type", "HRNet")).lower():
+        raise ValueError(f"fixture config: decoder type {dec['type']!r} is not supported (HRNet-style head only)")
+    channels = tuple(int(c) for c in dec.get("downsampler_channels", (18, 36, 72, 144)))
+    if "head_in_channels" in dec and int(dec["head_in_channels"]) != sum(channels):
+        raise ValueError(f"fixture config: decoder.head_in_channels {dec['head_in_channels']} != sum{channels}")
+    model_cfg = ModelConfig(
+        backbone=swin,
+        tasks={t: int(num_outputs[t]) for t in tasks},
+        decoder_channels=channels,
+        head_channels=int(dec.get("head_hidden_channels", 4 * sum(channels))),
+        bn_momentum=float(config.get("batch_norm_momentum", 0.1)),
+    )
+    model = MultiTaskModel(model_cfg)
+    for m in model.modules():  # eps are not ModelConfig fields: set them on the modules
+        if isinstance(m, nn.LayerNorm):
+            m.eps = float(config.get("layer_norm_eps", 1e-5))
+        elif isinstance(m, nn.BatchNorm2d):
+            m.eps = float(config.get("batch_norm_eps", 1e-5))
+
+    task_rank = lora.get("task_rank", 4)
+    task_scale = lora.get("task_scale", lora.get("shared_scale", 4.0))
+    plus = bool(lora.get("patch_merging_lora", False))
+    variant = str(config.get("variant", ""))
+    if variant and variant.replace(" ", "").upper().startswith("MTLORA+") != plus:
+        raise ValueError(f"fixture config: variant {variant!r} disagrees with lora.patch_merging_lora={plus}")
+    merging_rank = None
+    if plus:
+        pm = lora.get("patch_merging_lora_rank", 0)
+        if pm not in (0, None, [], ()):
+            merging_rank = _per_stage(pm, n - 1, "lora.patch_merging_lora_rank")
+    shared_scale = lora.get("shared_scale", 4.0)
+    if isinstance(shared_scale, (list, tuple)):
+        if len(set(shared_scale)) != 1:
+            raise ValueError("fixture config: per-stage shared scales are not supported")
+        shared_scale = shared_scale[0]
+    fields: dict[str, Any] = dict(
+        shared_rank=_per_stage(_need(lora, "shared_rank"), n, "lora.shared_rank"),
+        task_rank=int(task_rank) if not isinstance(task_rank, Mapping) else 4,
+        task_ranks={t: int(r) for t, r in task_rank.items()} if isinstance(task_rank, Mapping) else {},
+        shared_scale=float(shared_scale),
+        task_scale=float(task_scale) if not isinstance(task_scale, Mapping) else float(shared_scale),
+        task_scales={t: float(s) for t, s in task_scale.items()} if isinstance(task_scale, Mapping) else {},
+        lora_dropout=float(train_noise if lora_dropout is None else lora_dropout),
+        shared_targets=tuple(lora.get("shared_lora_layers", ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))),
+        task_targets=tuple(lora.get("task_lora_layers", ("attn.proj", "mlp.fc1", "mlp.fc2"))),
+        task_blocks=(
+            tuple(tuple(int(b) for b in blocks) for blocks in lora["task_lora_blocks"])
+            if "task_lora_blocks" in lora
+            else None
+        ),
+        merging_rank=merging_rank,
+    )
+    cfg = (MTLoRAPlusConfig if plus else MTLoRAConfig)(**fields)
+    model = _apply(model, cfg)
+    return model, cfg
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def _scale(ref: Tensor) -> float:
+    return max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+
+
+def _compare(name: str, ours: Tensor, ref: Tensor, rel: float = REL_TOL) -> Check:
+    """max|ours - ref| against rel * max(1, max|ref|)."""
+    if tuple(ours.shape) != tuple(ref.shape):
+        return Check(name, math.inf, 0.0, False, f"shape {tuple(ours.shape)} != official {tuple(ref.shape)}")
+    diff = float((ours.detach().double() - ref.double()).abs().max()) if ref.numel() else 0.0
+    tol = rel * _scale(ref)
+    return Check(name, diff, tol, diff <= tol, f"max|ref|={float(ref.abs().max()):.4g}")
+
+
+def _compare_summary(name: str, ours: Tensor, summary: Mapping[str, Any]) -> Check:
+    """A debug-intermediate tensor [B, L, C] against its stored shape, per-image l2 / mean and slice.
+
+    max_diff is the largest relative deviation: slice and mean differences over the feature scale
+    max(1, max|ref slice|, rms), the l2 difference over the reference l2.
+    """
+    shape = tuple(int(s) for s in summary["shape"])
+    if tuple(ours.shape) != shape:
+        return Check(name, math.inf, REL_TOL, False, f"shape {tuple(ours.shape)} != official {shape}")
+    x = ours.detach().double()
+    b = shape[0]
+    flat = x.reshape(b, -1)
+    l2 = flat.norm(dim=1)
+    mean = flat.mean(dim=1)
+    ref_l2 = torch.tensor(summary["l2_per_image"], dtype=torch.float64)
+    ref_mean = torch.tensor(summary["mean_per_image"], dtype=torch.float64)
+    ref_slice = summary["slice_first16tokens_first8ch"].double()
+    n_tok, n_ch = ref_slice.shape[1], ref_slice.shape[2]
+    rms = float(ref_l2.max()) / math.sqrt(flat.shape[1])
+    scale = max(1.0, float(ref_slice.abs().max()), rms)
+    d_slice = float((x[:, :n_tok, :n_ch] - ref_slice).abs().max()) / scale
+    d_mean = float((mean - ref_mean).abs().max()) / scale
+    d_l2 = float(((l2 - ref_l2).abs() / ref_l2.clamp_min(1e-12)).max())
+    worst = max(d_slice, d_mean, d_l2)
+    detail = f"rel: slice {d_slice:.2e}, mean {d_mean:.2e}, l2 {d_l2:.2e} (scale {scale:.3g})"
+    return Check(name, worst, REL_TOL, worst <= REL_TOL, detail)
+
+
+def _exact(name: str, ok: bool, detail: str = "") -> Check:
+    return Check(name, 0.0 if ok else 1.0, 0.0, ok, detail)
+
+
+def _set_check(name: str, ours: set[str], ref: set[str]) -> Check:
+    extra, lacking = sorted(ours - ref), sorted(ref - ours)
+    detail = ""
+    if extra or lacking:
+        detail = f"only here: {extra[:5]}{' ...' if len(extra) > 5 else ''}; only official: {lacking[:5]}"
+    return Check(name, float(len(extra) + len(lacking)), 0.0, not extra and not lacking, detail)
+
+
+def _geometry_checks(stem: str, model: MultiTaskModel, config: Mapping[str, Any]) -> list[Check]:
+    checks = []
+    expected = config.get("effective_window_and_shift_per_block")
+    if expected is not None:
+        ours = [
+            [[int(blk.window_size[0]), int(blk.shift_size[0])] for blk in layer.blocks]
+            for layer in model.backbone.layers
+        ]
+        want = [[[int(w), int(s)] for w, s in stage] for stage in expected]
+        checks.append(_exact(f"{stem}/config/window_and_shift", ours == want, f"ours {ours} vs {want}"))
+    swin = model.cfg.backbone
+    if "stage_dims" in config:
+        ours_d, want_d = list(swin.stage_dims), [int(c) for c in config["stage_dims"]]
+        checks.append(_exact(f"{stem}/config/stage_dims", ours_d == want_d, f"{ours_d} vs {want_d}"))
+    if "decoder_input_grid" in config:
+        grid, n = swin.img_size // swin.patch_size, len(swin.depths)
+        ours_g = [grid // 2 ** min(i + 1, n - 1) for i in range(n)]
+        want_g = [int(g) for g in config["decoder_input_grid"]]
+        checks.append(_exact(f"{stem}/config/decoder_input_grid", ours_g == want_g, f"{ours_g} vs {want_g}"))
+    if "decoder_input_channels" in config:
+        ours_c = list(model.backbone.feature_channels)
+        want_c = [int(c) for c in config["decoder_input_channels"]]
+        checks.append(_exact(f"{stem}/config/decoder_input_channels", ours_c == want_c, f"{ours_c} vs {want_c}"))
+    return checks
+
+
+def _official_trainable_names(names: list[str]) -> set[str]:
+    return {k for k in (official_to_local_key(n) for n in names) if k is not None}
+
+
+def parity_checks(model_fixture_path: Path) -> list[Check]:
+    """Every comparison between this implementation and one official model fixture (+ its grad companion)."""
+    path = Path(model_fixture_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model fixture {path} does not exist")
+    fx = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("config", "state_dict", "input", "outputs"):
+        if key not in fx:
+            raise ValueError(f"model fixture {path}: missing key {key!r}")
+    stem = path.stem
+    config = fx["config"]
+    model, cfg = build_from_fixture_config(config)
+    checks = _geometry_checks(stem, model, config)
+    report = load_official_state_dict(model, fx["state_dict"])
+    checks.append(_exact(f"{stem}/load_state_dict", report.complete, report.summary()))
+    model.eval()
+    image = fx["input"]
+    with torch.no_grad():
+        outputs = model(image)
+        feats = model.backbone(image)
+        heads = {t: model.decoders[t](feats[t]) for t in model.tasks}
+        patch_tokens, stages = model.backbone.forward_stages(image)
+    for t, ref in fx["outputs"].items():
+        checks.append(_compare(f"{stem}/outputs/{t}", outputs[t], ref))
+    for t, ref in fx.get("head_outputs_before_resize", {}).items():
+        checks.append(_compare(f"{stem}/head_outputs_before_resize/{t}", heads[t], ref))
+    debug = fx.get("debug_intermediates")
+    if debug:
+        tokens = patch_tokens.flatten(1, 2)
+        checks.append(_compare_summary(f"{stem}/debug/patch_embed_output", tokens, debug["patch_embed_output"]))
+        n_ref = len(debug["stages"])
+        checks.append(
+            _exact(f"{stem}/debug/num_stages", len(stages) == n_ref, f"ours {len(stages)}, official {n_ref}")
+        )
+        for i, (st, ref) in enumerate(zip(stages, debug["stages"], strict=False)):
+            checks.append(_compare_summary(f"{stem}/debug/stage{i}/shared", st.shared.flatten(1, 2), ref["shared"]))
+            for k, t in enumerate(model.tasks):
+                if t in ref.get("tasks", {}):
+                    f = st.shared if st.tasks is None else st.tasks[k]
+                    checks.append(_compare_summary(f"{stem}/debug/stage{i}/{t}", f.flatten(1, 2), ref["tasks"][t]))
+    checks += _trainable_checks(stem, model, fx.get("trainable"))
+    grad_path = path.with_name(f"{stem}_grad.pt")
+    if grad_path.is_file():
+        checks += _grad_checks(grad_path, path, fx)
+    return checks
+
+
+def _trainable_checks(stem: str, model: nn.Module, trainable: Mapping[str, Any] | None) -> list[Check]:
+    if not trainable:
+        return []
+    checks = []
+    ours = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    ref_names = _official_trainable_names(list(trainable["names"]))
+    checks.append(_set_check(f"{stem}/trainable/names", set(ours), ref_names))
+    ref_numel = {official_to_local_key(k): int(v) for k, v in trainable.get("numel", {}).items()}
+    bad = sorted(k for k, v in ref_numel.items() if ours.get(k) != v)
+    checks.append(Check(f"{stem}/trainable/numel", float(len(bad)), 0.0, not bad, f"differ: {bad[:5]}"))
+    counts = count_parameters(model, ("lora_",))
+    ours_b = {
+        "trainable": counts["trainable"],
+        "decoder": counts["decoders"],
+        "lora": counts["adapter"],
+        "extra": counts["other_trainable_backbone"],
+        "total": counts["total"],
+        "total_without_lora": counts["total"] - counts["adapter"],
+    }
+    ref_b = dict(trainable.get("official_breakdown", {}))
+    if "count_total_trainable" in trainable:
+        ref_b.setdefault("trainable", trainable["count_total_trainable"])
+    for k, v in ref_b.items():
+        if k in ours_b:
+            d = abs(ours_b[k] - int(v))
+            checks.append(
+                Check(f"{stem}/counts/{k}", float(d), 0.0, d == 0, f"ours {ours_b[k]:,} official {int(v):,}")
+            )
+    return checks
+
+
+def _grad_checks(grad_path: Path, model_path: Path, fx: Mapping[str, Any]) -> list[Check]:
+    from benchmark.losses import LOSSES, MultiTaskLoss
+    from benchmark.protocol import TASKS, TaskSpec
+
+    g = torch.load(grad_path, map_location="cpu", weights_only=True)
+    stem = grad_path.stem
+    uses = g.get("uses_state_dict_and_input_of")
+    if uses is not None and uses != model_path.name:
+        raise ValueError(f"{grad_path}: uses_state_dict_and_input_of is {uses!r}, not {model_path.name!r}")
+    model, _ = build_from_fixture_config(fx["config"], drop_path_rate=0.0, lora_dropout=0.0)
+    load_official_state_dict(model, fx["state_dict"])
+    model.train()
+    weights = g["loss_weights"]
+    unknown = [t for t in model.tasks if t not in LOSSES or t not in weights]
+    if unknown:
+        raise ValueError(f"{grad_path}: no loss or loss weight for task(s) {unknown}")
+    specs = [
+        replace(TASKS[t], loss_weight=float(weights[t]))
+        if t in TASKS
+        else TaskSpec(t, "", True, model.cfg.tasks[t], float(weights[t]), False, t)
+        for t in model.tasks
+    ]
+    targets = {t: v.to(torch.float64) for t, v in g["targets"].items()}  # the official loader's dtype
+    model.zero_grad(set_to_none=True)
+    outputs = model(fx["input"])
+    losses = MultiTaskLoss(specs)(outputs, targets)
+    losses["total"].backward()
+
+    checks = []
+    for k, ref in g["loss"].items():
+        ours = losses[k].item()
+        d = abs(ours - float(ref))
+        tol = REL_TOL * max(1.0, abs(float(ref)))
+        checks.append(Check(f"{stem}/loss/{k}", d, tol, d <= tol, f"ours {ours:.10g} official {float(ref):.10g}"))
+    if "loss_dtypes" in g:
+        ours_dt = {k: str(losses[k].dtype).replace("torch.", "") for k in g["loss_dtypes"]}
+        checks.append(_exact(f"{stem}/loss_dtypes", ours_dt == dict(g["loss_dtypes"]), f"{ours_dt}"))
+
+    params = dict(model.named_parameters())
+    ref_global = float(g.get("global_grad_l2_norm", 0.0))
+    floor = GRAD_ABS_FLOOR * ref_global
+    for name, ref in g.get("grads", {}).items():
+        p = params.get(official_to_local_key(name) or "")
+        if p is None or p.grad is None:
+            checks.append(_exact(f"{stem}/grad/{name}", False, "parameter missing or without gradient"))
+            continue
+        scale = float(ref.abs().max())
+        diff = float((p.grad.double() - ref.double()).abs().max())
+        tol = GRAD_REL_TOL * scale + floor
+        checks.append(Check(f"{stem}/grad/{name}", diff, tol, diff <= tol, f"max|ref|={scale:.4g}"))
+
+    norms = g.get("grad_l2_norm_per_trainable_param", {})
+    if norms:
+        # max_diff: the worst |norm - ref| as a fraction of its own tolerance (rel 1e-3 + floor); passes at <= 1
+        worst, worst_name, none_mismatch = 0.0, "", []
+        for name, ref in norms.items():
+            p = params.get(official_to_local_key(name) or "")
+            ours_n = None if p is None or p.grad is None else float(p.grad.double().norm())
+            if (ref is None) != (ours_n is None):
+                none_mismatch.append(name)
+                continue
+            if ref is None:
+                continue
+            frac = abs(ours_n - float(ref)) / (GRAD_REL_TOL * float(ref) + floor)
+            if frac > worst:
+                worst, worst_name = frac, name
+        checks.append(
+            Check(
+                f"{stem}/grad_norms",
+                worst,
+                1.0,
+                worst <= 1.0 and not none_mismatch,
+                f"{len(norms)} params, worst {worst_name}; None where the official has a gradient or vice "
+                f"versa: {none_mismatch[:5]}",
+            )
+        )
+    if "trainable_params_without_grad" in g:
+        ours_ng = {n for n, p in params.items() if p.requires_grad and p.grad is None}
+        ref_ng = _official_trainable_names(list(g["trainable_params_without_grad"]))
+        checks.append(_set_check(f"{stem}/trainable_without_grad", ours_ng, ref_ng))
+    if "global_grad_l2_norm" in g:
+        sq = sum(
+            float(p.grad.double().pow(2).sum()) for p in params.values() if p.requires_grad and p.grad is not None
+        )
+        ours_g, ref_g = math.sqrt(sq), float(g["global_grad_l2_norm"])
+        d = abs(ours_g - ref_g)
+        tol = GRAD_REL_TOL * ref_g
+        checks.append(Check(f"{stem}/global_grad_norm", d, tol, d <= tol, f"ours {ours_g:.10g} official {ref_g:.10g}"))
+    frozen = g.get("frozen_params_checked_no_grad", [])
+    if frozen:
+        bad = []
+        for name in frozen:
+            p = params.get(official_to_local_key(name) or "")
+            if p is None or p.requires_grad or p.grad is not None:
+                bad.append(name)
+        checks.append(Check(f"{stem}/frozen_no_grad", float(len(bad)), 0.0, not bad, f"{bad[:5]}"))
+    for t, stats in g.get("bn_running_stats_after_forward", {}).items():
+        bn = model.decoders[t].head[1]
+        for k in ("running_mean", "running_var"):
+            checks.append(_compare(f"{stem}/bn/{t}/{k}", getattr(bn, k), stats[k]))
+        nbt = int(stats["num_batches_tracked"])
+        checks.append(_exact(f"{stem}/bn/{t}/num_batches_tracked", int(bn.num_batches_tracked) == nbt, f"{nbt}"))
+    return checks
