@@ -6,11 +6,16 @@
     run_benchmark --method mtlora --preset paper --dry-run --json
     run_benchmark --method mtlora --eval-only --checkpoint FILE --data PASCAL_MT
     torchrun --nproc_per_node 2 $(which run_benchmark) --method lora --preset smoke
+    run_benchmark --method mtlora lora --set rank=16,32 --seed 0 1 2 --executor slurm --slurm-partition gpu ...
+
+Exit codes: 0 success; 1 the run failed (non-finite loss, disk full, a crashed data worker or peer process;
+result.json says so where one could be written); 2 bad input (arguments, dataset, checkpoint, config).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import platform
@@ -34,14 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and evaluate a PEFT method under the PASCAL-Context multi-task protocol (MTLoRA, CVPR 2024).",
     )
     p.add_argument("--list", action="store_true", help="list the registered methods with their config fields")
-    p.add_argument("--method", nargs="+", metavar="NAME", help="registered method name(s)")
+    p.add_argument("--method", nargs="+", metavar="NAME", help="registered method name(s); several make a sweep")
     p.add_argument("--preset", default="paper", help="paper (the protocol exactly) or smoke (tiny, CPU, debug)")
     p.add_argument("--protocol", default="pascal-context", help="protocol name (default: pascal-context)")
     p.add_argument("--data", type=Path, help="dataset root in the PASCAL_MT layout (smoke: generated when omitted)")
     p.add_argument("--pretrained", type=Path, help="Swin ImageNet weights (timm or original Swin release format)")
-    p.add_argument("--work-dir", type=Path, help="output folder (default: work_dirs/<run id>)")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        help="output folder (default: work_dirs/<run id>); for a sweep, the folder holding one <run id>/ per job "
+        "(default: work_dirs)",
+    )
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds (one run each)")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="method config overrides")
+    p.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method config overrides. Top-level commas give alternatives to sweep (rank=16,32,64); brackets, "
+        "braces and quotes keep commas in one value (shared_rank=[64,64,64,64]). With several methods a key "
+        "applies to those that have the field; it is an error only if none has it",
+    )
     p.add_argument("--epochs", type=int, help="override the number of epochs (a shortened run is marked debug)")
     p.add_argument("--image-size", type=int, help="override the image size (a run off the protocol is marked debug)")
     p.add_argument("--select", choices=["final", "best"], default="final", help="which validation is reported")
@@ -54,6 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="data-loader workers per process")
     p.add_argument("--amp-dtype", choices=["float16", "bfloat16", "none"], default="float16", help="AMP on CUDA")
     p.add_argument("--dist-timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
+    s = p.add_argument_group(
+        "sweeps",
+        "Several methods, seeds or --set alternatives make a sweep: one job per (method, config, seed), each a "
+        "run_benchmark process in <work-dir>/<run id>/ started with --resume. A rerun skips finished jobs and "
+        "resumes killed ones.",
+    )
+    s.add_argument("--executor", choices=["local", "slurm"], help="run the grid through submitit (default: local)")
+    s.add_argument("--max-parallel", type=int, help="jobs at a time (local default 1; slurm: array parallelism)")
+    s.add_argument(
+        "--gpus-per-job",
+        type=int,
+        help="GPUs per job; more than 1 runs the job under torchrun (default: slurm 1; local 1 with CUDA, else 0)",
+    )
+    s.add_argument("--sweep-dry-run", action="store_true", help="print the jobs, commands and executor settings")
+    s.add_argument("--slurm-partition", help="sbatch --partition")
+    s.add_argument("--slurm-account", help="sbatch --account")
+    s.add_argument("--slurm-qos", help="sbatch --qos")
+    s.add_argument("--slurm-time-min", type=int, default=4320, help="time limit per job in minutes (requeued)")
+    s.add_argument("--slurm-cpus-per-job", type=int, default=10, help="sbatch --cpus-per-task")
+    s.add_argument("--slurm-mem-gb", type=int, help="sbatch --mem in GB")
     return p
 
 
@@ -132,6 +171,24 @@ def _init_distributed(device: str, timeout_s: float) -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def _report_sigterm(rank: int, world: int) -> None:
+    """Say why the process stops on SIGTERM: torchrun sends it to every process when one fails, Slurm on
+    preemption or timeout. Unfinished work is lost up to the last checkpoint (files are written atomically)."""
+    import signal
+
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() == main_pid:  # not in a forked data-loader worker
+            who = f"rank {rank} of {world}" if world > 1 else "the run"
+            why = " (torchrun stops every process when one fails: its report names the first failure)"
+            msg = f"run_benchmark: {who} stopped by SIGTERM{why if world > 1 else ''}; rerun with --resume\n"
+            os.write(2, msg.encode())
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _resolve_device(choice: str) -> str:
     import torch
 
@@ -167,8 +224,37 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (UsageError, ValueError, KeyError, FileNotFoundError, NotADirectoryError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"run_benchmark: error: {msg}", file=sys.stderr)
+        print(f"run_benchmark: error: {_strip_worker_traceback(msg)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"run_benchmark: error: {_os_error_message(e)}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        engine = sys.modules.get("benchmark.engine")
+        if engine is None or not isinstance(e, engine.RunAborted):
+            raise
+        print(f"run_benchmark: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _os_error_message(e: OSError) -> str:
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"disk full while writing{where} ({e.strerror}). Checkpoints and results written before are intact "
+            "(they are written atomically); free some space and rerun with --resume"
+        )
+    return f"cannot access{where}: {e.strerror or e}"
+
+
+def _strip_worker_traceback(msg: str) -> str:
+    """PyTorch re-raises a data-loader worker's exception with the worker's traceback in the message; keep the
+    original message (its last line) only."""
+    if msg.startswith("Caught ") and "Original Traceback" in msg:
+        last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+        head, sep, tail = last.partition(": ")  # "benchmark.dataset.DatasetError: <message>"
+        return (tail if sep and " " not in head else last) + " (in a data-loader worker)"
+    return msg
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -178,25 +264,47 @@ def _main(args: argparse.Namespace) -> int:
     if not args.method:
         raise UsageError("--method is required (see --list)")
 
+    from benchmark import sweep
     from benchmark.presets import PRESETS, resolve
     from benchmark.protocol import get_protocol
     from methods import METHODS
     from methods.base import apply_overrides
 
-    if len(args.method) > 1:
-        raise UsageError("one --method per run; sweeps over several methods are not supported yet")
     protocol = get_protocol(args.protocol)
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}")
     settings = resolve(protocol, PRESETS[args.preset], args.epochs, args.image_size)
-    spec = METHODS.get(args.method[0])
-    method_cfg = apply_overrides(spec.default_config(), args.set)
-    tasks = protocol.task_names
-    method_cfg.validate(tasks)
+    grid = sweep.expand_grid(args.method, args.set, args.seed, protocol)
+    if args.pretrained is not None and not args.pretrained.is_file():
+        raise FileNotFoundError(f"--pretrained {args.pretrained}: file not found")
+    if args.dry_run:
+        configs = list({(p.method, p.overrides): p for p in grid}.values())
+        return _dry_run_all(args, configs, settings, protocol)
+    if args.executor or args.sweep_dry_run or len(grid) > 1:
+        _model_config(settings, protocol)  # fails here on a bad --image-size, not in every job
+        if args.eval_only or args.checkpoint is not None:
+            raise UsageError("--eval-only / --checkpoint evaluate one checkpoint: give one method, config and seed")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("a sweep cannot run under torchrun; use --gpus-per-job N (each job runs torchrun)")
+        if args.data is not None and not args.data.is_dir():
+            raise FileNotFoundError(f"--data {args.data}: dataset folder not found")
+        if args.data is None and not settings.synthetic_train:
+            raise UsageError(
+                f"--data DIR is required with --preset {settings.preset} (download with `benchmark-data fetch`)"
+            )
+        return sweep.run_sweep(args, grid, settings)
+    if any(f for f in ("max_parallel", "gpus_per_job") if getattr(args, f) is not None):
+        raise UsageError("--max-parallel / --gpus-per-job apply to sweeps (--executor); use torchrun for one run")
+    point = grid[0]
+    spec = METHODS.get(point.method)
+    method_cfg = apply_overrides(spec.default_config(), point.overrides)
+    return _single(args, spec, method_cfg, settings, protocol, point.seed)
 
+
+def _model_config(settings: Any, protocol: Any) -> Any:
     from benchmark.model import model_config_for
 
-    model_cfg = model_config_for(
+    return model_config_for(
         settings.backbone,
         {t.name: t.out_channels for t in protocol.tasks},
         img_size=settings.image_size,
@@ -204,12 +312,25 @@ def _main(args: argparse.Namespace) -> int:
         decoder_channels=protocol.decoder_channels,
         head_channels=protocol.head_channels,
     )
-    if args.pretrained is not None and not args.pretrained.is_file():
-        raise FileNotFoundError(f"--pretrained {args.pretrained}: file not found")
 
-    if args.dry_run:
-        return _dry_run(args, spec, method_cfg, model_cfg, settings, protocol)
 
+def _dry_run_all(args: argparse.Namespace, configs: list[Any], settings: Any, protocol: Any) -> int:
+    from methods import METHODS
+    from methods.base import apply_overrides
+
+    model_cfg = _model_config(settings, protocol)
+    outs = []
+    for point in configs:
+        spec = METHODS.get(point.method)
+        cfg = apply_overrides(spec.default_config(), point.overrides)
+        outs.append(_dry_run(args, spec, cfg, model_cfg, settings, protocol))
+    if args.json:
+        print(json.dumps(outs[0] if len(outs) == 1 else outs, indent=2))
+    return 0
+
+
+def _single(args: argparse.Namespace, spec: Any, method_cfg: Any, settings: Any, protocol: Any, seed: int) -> int:
+    model_cfg = _model_config(settings, protocol)
     if args.eval_only and args.checkpoint is None:
         raise UsageError("--eval-only needs --checkpoint FILE")
     if args.checkpoint is not None and not args.checkpoint.is_file():
@@ -223,23 +344,18 @@ def _main(args: argparse.Namespace) -> int:
 
     device = _resolve_device(args.device)
     rank, world = _init_distributed(device, args.dist_timeout)
+    _report_sigterm(rank, world)
     if settings.batch_size % world:
         raise UsageError(f"batch size {settings.batch_size} is not divisible by {world} processes")
 
-    from benchmark.results import make_run_id
+    from benchmark.results import make_run_id, run_dir_name
 
-    status_code = 0
-    for seed in args.seed:
-        run_id = make_run_id(protocol.name, protocol.version, spec.name, method_cfg.to_dict(), [seed])
-        work_dir = args.work_dir or (Path("work_dirs") / run_id)
-        if len(args.seed) > 1:
-            work_dir = work_dir / f"seed{seed}"
-        code = _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_dir, device, rank, world)
-        status_code = max(status_code, code)
-    return status_code
+    run_id = make_run_id(protocol.name, protocol.version, spec.name, method_cfg.to_dict(), [seed])
+    work_dir = args.work_dir or (Path("work_dirs") / run_dir_name(run_id))
+    return _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_dir, device, rank, world)
 
 
-def _dry_run(args, spec, method_cfg, model_cfg, settings, protocol) -> int:
+def _dry_run(args, spec, method_cfg, model_cfg, settings, protocol) -> dict[str, Any]:
     from benchmark.params import count_parameters
 
     net = build_net(spec, method_cfg, model_cfg, None)
@@ -253,9 +369,7 @@ def _dry_run(args, spec, method_cfg, model_cfg, settings, protocol) -> int:
         "image_size": settings.image_size,
         "params": counts,
     }
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
+    if not args.json:
         print(f"{spec.name} on {settings.backbone} at {settings.image_size}px ({protocol.id}), config {out['config']}")
         for k, label in (
             ("decoders", "decoders"),
@@ -265,7 +379,7 @@ def _dry_run(args, spec, method_cfg, model_cfg, settings, protocol) -> int:
             ("total", "total"),
         ):
             print(f"  {label:<26}{counts[k]:>14,}")
-    return 0
+    return out
 
 
 def _prepare_data(args, settings, work_dir: Path, rank: int) -> Path:
@@ -278,6 +392,16 @@ def _prepare_data(args, settings, work_dir: Path, rank: int) -> Path:
         make_synthetic_dataset(root, settings.synthetic_train, settings.synthetic_val, seed=0)
     _barrier()
     return root
+
+
+def _remove_stale_temp_files(*folders: Path) -> None:
+    """Temp files of writes that a kill interrupted; the files they were replacing are intact."""
+    from benchmark.results import stale_temp_files
+
+    for folder in folders:
+        for tmp in stale_temp_files(folder):
+            tmp.unlink(missing_ok=True)
+            print(f"removed {tmp}, left by an interrupted write", file=sys.stderr)
 
 
 def _barrier() -> None:
@@ -300,9 +424,13 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
     tasks = protocol.task_names
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _remove_stale_temp_files(work_dir, work_dir / "checkpoints")
     data_root = _prepare_data(args, settings, work_dir, rank)
     workers = settings.workers if args.workers is None else args.workers
-    val_ds = PascalMT(data_root, protocol.val_split, tasks, build_transforms(settings.image_size, train=False, seed=seed))
+    val_ds = PascalMT(
+        data_root, protocol.val_split, tasks, build_transforms(settings.image_size, train=False, seed=seed)
+    )
     train_ds = None
     if not args.eval_only:
         train_ds = PascalMT(
@@ -324,6 +452,10 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
         "backbone": settings.backbone,
         "image_size": settings.image_size,
         "seed": seed,
+        # with the above, what --resume checks before continuing a checkpoint (engine.RESUME_KEYS)
+        "preset": settings.preset,
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
     }
     setup = engine.EngineSetup(
         net=net,
@@ -409,7 +541,14 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
         params=params,
         selection=rule,
         cost=cost,
-        env={**_env_info(device), "world_size": world, "backbone": settings.backbone, "image_size": settings.image_size},
+        env={
+            **_env_info(device),
+            "world_size": world,
+            "backbone": settings.backbone,
+            "image_size": settings.image_size,
+            "epochs": settings.epochs,
+            "batch_size": settings.batch_size,
+        },
         notes=notes,
     )
     if rank == 0:

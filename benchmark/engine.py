@@ -48,8 +48,24 @@ from benchmark.results import atomic_write_bytes
 CKPT_FORMAT = "mtpeft-checkpoint"
 CKPT_VERSION = 1
 CKPT_PATTERN = re.compile(r"^epoch_(\d+)\.pth$")
-# fault injection for the test-suite only: make the loss NaN at this (0-based) iteration
-_FAULT_NAN_ITER = int(os.environ["MTPEFT_FAULT_NAN_ITER"]) if os.environ.get("MTPEFT_FAULT_NAN_ITER") else None
+# meta fields that must match for --resume to continue a checkpoint (the rest of the meta is informative)
+RESUME_KEYS = ("run_id", "protocol", "backbone", "image_size", "seed", "preset", "epochs", "batch_size")
+
+# Fault injection for the test-suite only (tests/test_run_benchmark.py, tests/test_faults.py). Read at the
+# moment of use, inert unless set; iterations are global and 0-based.
+FAULT_NAN_ITER = "MTPEFT_FAULT_NAN_ITER"  # the total loss becomes NaN at this iteration
+FAULT_INF_ITER = "MTPEFT_FAULT_INF_ITER"  # the first task's loss (hence the total) becomes +inf at this iteration
+FAULT_KILL_AT_ITER = "MTPEFT_FAULT_KILL_AT_ITER"  # SIGKILL this process before this iteration
+FAULT_RANK = "MTPEFT_FAULT_RANK"  # restrict the three above to this rank (default: every rank)
+FAULT_KILL_WORKER_SAMPLE = "MTPEFT_FAULT_KILL_WORKER_SAMPLE"  # SIGKILL the data-loader worker loading this index
+
+
+def _fault_at(name: str, iteration: int) -> bool:
+    value = os.environ.get(name)
+    if not value or int(value) != iteration:
+        return False
+    rank = os.environ.get(FAULT_RANK)
+    return rank is None or rank == "" or int(rank) == get_dist_info()[0]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,6 +74,23 @@ class NonFiniteLossError(RuntimeError):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
+class ResumeMismatchError(ValueError):
+    """--resume found a checkpoint of a different run (settings differ): never silently continue or discard it."""
+
+
+class RunAborted(RuntimeError):
+    """The run stopped for an operational reason (a crashed data worker, a dead peer process); the message says
+    what happened and what to do. The CLI prints it without a traceback and exits 1."""
+
+
+class DataWorkerError(RunAborted):
+    """A data-loader worker process died (killed, out of memory, segfault in a decoder)."""
+
+
+class DistributedError(RunAborted):
+    """A collective operation failed: another process died or did not answer within the timeout."""
 
 
 # --------------------------------------------------------------------------- model and metric adapters
@@ -75,8 +108,11 @@ class EngineModel(BaseModel):
         out = self.net(image)
         if mode == "loss":
             losses = self.loss_fn(out, targets)
-            if _FAULT_NAN_ITER is not None and self.current_iter == _FAULT_NAN_ITER:
+            if _fault_at(FAULT_NAN_ITER, self.current_iter):
                 losses = {**losses, "total": losses["total"] * float("nan")}
+            if _fault_at(FAULT_INF_ITER, self.current_iter):
+                first = next(t for t in losses if t != "total")
+                losses = {**losses, first: losses[first] + float("inf"), "total": losses["total"] + float("inf")}
             logged = {f"l_{t}": v.detach() for t, v in losses.items() if t != "total"}
             return {"loss": losses["total"], **logged}
         if mode == "predict":
@@ -87,9 +123,14 @@ class EngineModel(BaseModel):
     def parse_losses(self, losses: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         total = losses["loss"]
         if not torch.isfinite(total).all():
-            terms = ", ".join(f"{k[2:]}={float(v):.6g}" for k, v in losses.items() if k.startswith("l_"))
+            terms = {k[2:]: float(v) for k, v in losses.items() if k.startswith("l_")}
+            listed = ", ".join(f"{t}={v:.6g}" for t, v in terms.items())
+            bad = [t for t, v in terms.items() if not math.isfinite(v)]
+            culprit = (
+                f"non-finite term(s): {', '.join(bad)}" if bad else "every term is finite, their weighted sum is not"
+            )
             raise NonFiniteLossError(
-                f"non-finite loss at iteration {self.current_iter}: total={float(total):.6g} ({terms}); "
+                f"non-finite loss at iteration {self.current_iter}: total={float(total.detach()):.6g} ({listed}; {culprit}); "
                 "the run stops, the last good checkpoint is kept"
             )
         log_vars = {"loss": total.detach(), **{k: v for k, v in losses.items() if k != "loss"}}
@@ -164,6 +205,117 @@ class EpochSampler(Sampler[int]):
         return self.per_rank
 
 
+# --------------------------------------------------------------------------- data-loader workers
+
+
+class TrackedDataset(Dataset):
+    """Wraps a dataset read by worker processes and records, in shared memory, which sample each worker is
+    loading, so that a worker that dies (killed, out of memory, crash in a decoder) can be reported with the
+    file it was reading. Attributes (``set_epoch``, ``ids``, ...) are those of the wrapped dataset."""
+
+    def __init__(self, inner: Dataset, workers: int) -> None:
+        self.inner = inner
+        # one row per worker: (pid, sample index being loaded or -1)
+        self.inflight = torch.full((max(workers, 1), 2), -1, dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        inner = self.__dict__.get("inner")
+        if inner is None:  # during unpickling
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def __getitem__(self, index: int) -> Any:
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return self.inner[index]
+        row = self.inflight[info.id]
+        row[0], row[1] = os.getpid(), index
+        fault = os.environ.get(FAULT_KILL_WORKER_SAMPLE)
+        if fault and int(fault) == index:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        out = self.inner[index]
+        row[1] = -1
+        return out
+
+    def describe(self, index: int) -> str:
+        """The sample's image file where the dataset names it, else its index."""
+        ids, root = getattr(self.inner, "ids", None), getattr(self.inner, "root", None)
+        if ids is not None and root is not None and 0 <= index < len(ids):
+            from benchmark.dataset import FILES
+
+            return f"{Path(root) / FILES['image'].format(id=ids[index])} (sample {index}, id {ids[index]})"
+        return f"sample {index} of {type(self.inner).__name__}"
+
+    def loading(self, pids: Sequence[int] | None = None) -> list[str]:
+        """What the workers with these pids (default: all) were loading when they stopped."""
+        out = []
+        for pid, index in self.inflight.tolist():
+            if index >= 0 and (not pids or pid in pids):
+                out.append(self.describe(index))
+        return out
+
+
+_WORKER_DIED = re.compile(r"DataLoader worker \(pids?\(?s?\)? ([\d, ]+)\)")
+
+
+def _worker_crash(err: BaseException, datasets: Sequence[Any]) -> DataWorkerError | None:
+    """Turn PyTorch's "DataLoader worker (pid X) exited unexpectedly / is killed by signal" into an error that
+    names the file being loaded."""
+    text = str(err)
+    m = _WORKER_DIED.search(text)
+    if m is None or not isinstance(err, RuntimeError):
+        return None
+    pids = [int(x) for x in m.group(1).replace(",", " ").split()]
+    files = [f for ds in datasets if isinstance(ds, TrackedDataset) for f in ds.loading(pids)]
+    what = "; ".join(files) if files else "an unknown sample (it died outside __getitem__)"
+    first = text.strip().splitlines()[0]
+    return DataWorkerError(
+        f"a data-loader worker died while loading {what}: {first} "
+        "If that file is damaged, replace it (benchmark-data check DIR lists bad files); if the worker ran out of "
+        "memory, lower --workers. Nothing was written for the unfinished epoch; --resume continues from the last "
+        "checkpoint"
+    )
+
+
+_DIST_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout", "socket")
+
+
+def _distributed_failure(err: BaseException) -> DistributedError | None:
+    if not _distributed() or isinstance(err, (NonFiniteLossError, RunAborted)):
+        return None
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = str(err).strip()
+    if not (isinstance(err, dist_error) or any(k in text.lower() for k in _DIST_MARKERS)):
+        return None
+    rank, world = get_dist_info()
+    first = text.splitlines()[0] if text else type(err).__name__
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # drop gloo's "[.../pair.cc:545] " and advice
+    return DistributedError(
+        f"rank {rank} of {world}: a collective operation failed, so another process died or did not answer within "
+        f"--dist-timeout ({first}). Check that process's log for the cause; rerun with --resume to continue from "
+        "the last checkpoint"
+    )
+
+
+def _release_loader_workers(err: BaseException) -> None:
+    """Free the data-loader iterators that the failed loop's frames still hold, so their worker processes are
+    shut down now. Left to interpreter exit, each worker's join times out (5 s per worker) before the exit."""
+    import gc
+    import traceback
+
+    traceback.clear_frames(err.__traceback__)  # frame locals only: the printed traceback keeps every line
+    gc.collect()
+
+
+def _translate_failure(err: BaseException, datasets: Sequence[Any]) -> BaseException | None:
+    return _worker_crash(err, datasets) or _distributed_failure(err)
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -215,7 +367,12 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle error, ...
-        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {e}") from e
+        text = str(e).strip()
+        if "Weights only load failed" in text:  # torch's advice to unpickle anyway is wrong for a damaged file
+            detail = "not a file of plain tensors: damaged, or it holds pickled objects that are not loaded"
+        else:
+            detail = text.splitlines()[0] if text else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {detail}") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(data).__name__}")
     return data
@@ -254,6 +411,20 @@ def load_model_state(net: nn.Module, ckpt: Mapping[str, Any], source: str) -> No
             "(build it with the same --pretrained file and seed)"
         )
     net.load_state_dict(state, strict=False)
+
+
+def check_resume_settings(ckpt: Mapping[str, Any], meta: Mapping[str, Any], path: Path) -> None:
+    """Refuse to continue a checkpoint written by a run with other settings (another preset, epoch count, ...)."""
+    diff = [
+        f"{k} {ckpt[k]!r} (this run: {meta[k]!r})"
+        for k in RESUME_KEYS
+        if k in ckpt and k in meta and ckpt[k] != meta[k]
+    ]
+    if diff:
+        raise ResumeMismatchError(
+            f"--resume: {path} belongs to a different run: {'; '.join(diff)}. "
+            "Use another --work-dir, or delete its checkpoints to start over"
+        )
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -314,6 +485,7 @@ class BenchmarkHook(Hook):
                 ckpt = load_checkpoint_file(path)
                 if not is_own_checkpoint(ckpt):
                     raise CheckpointError(f"{path}: not a checkpoint of this harness")
+                check_resume_settings(ckpt, self.meta, path)
                 load_model_state(self.engine_model.net, ckpt, str(path))
             except CheckpointError as e:
                 print_log(f"resume: skipping unusable checkpoint: {e}", logger="current", level=logging.WARNING)
@@ -340,6 +512,10 @@ class BenchmarkHook(Hook):
 
     def before_train_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None) -> None:
         self.engine_model.current_iter = runner.iter
+        if _fault_at(FAULT_KILL_AT_ITER, runner.iter):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         self._t0 = time.perf_counter()
 
     def after_train_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
@@ -506,7 +682,7 @@ def _runner_common(s: EngineSetup, model: EngineModel) -> dict[str, Any]:
     dist = _distributed()
     val_sampler = _val_sampler(s.val_dataset)
     val_loader = DataLoader(
-        s.val_dataset,
+        _tracked(s.val_dataset, s.workers),
         batch_size=s.val_batch_size,
         sampler=val_sampler,
         num_workers=s.workers,
@@ -537,9 +713,15 @@ def _runner_common(s: EngineSetup, model: EngineModel) -> dict[str, Any]:
                 type="MMDistributedDataParallel",
                 device_ids=None if s.device == "cpu" else [torch.cuda.current_device()],
                 broadcast_buffers=False,
+                # some methods own trainable parameters that no output uses (MTLoRA: the last shared fc2 LoRA)
+                find_unused_parameters=True,
             )
         )
     return kw
+
+
+def _tracked(dataset: Dataset, workers: int) -> Dataset:
+    return TrackedDataset(dataset, workers) if workers > 0 else dataset
 
 
 def _val_sampler(dataset: Dataset) -> Sampler[int]:
@@ -563,7 +745,7 @@ def train(s: EngineSetup) -> EngineOutcome:
     model = EngineModel(s.net, s.loss_fn)
     ckpt_dir = s.work_dir / "checkpoints"
     train_loader = DataLoader(
-        s.train_dataset,
+        _tracked(s.train_dataset, s.workers),
         batch_size=s.batch_size,
         sampler=EpochSampler(len(s.train_dataset), s.batch_size, s.seed, shuffle=True),
         num_workers=s.workers,
@@ -588,7 +770,14 @@ def train(s: EngineSetup) -> EngineOutcome:
         **kw,
     )
     t0 = time.perf_counter()
-    runner.train()
+    try:
+        runner.train()
+    except Exception as e:
+        _release_loader_workers(e)
+        clear = _translate_failure(e, [train_loader.dataset, kw["val_dataloader"].dataset])
+        if clear is None:
+            raise
+        raise clear from e
     train_seconds = time.perf_counter() - t0
     final = hook.history[-1]["metrics"] if hook.history else {}
     return EngineOutcome(
@@ -606,9 +795,17 @@ def train(s: EngineSetup) -> EngineOutcome:
 def evaluate(s: EngineSetup) -> EngineOutcome:
     """Evaluate the model as it is (weights already loaded) on the validation set."""
     model = EngineModel(s.net, s.loss_fn)
-    runner = Runner(**_runner_common(s, model))
+    kw = _runner_common(s, model)
+    runner = Runner(**kw)
     t0 = time.perf_counter()
-    flat = runner.val()
+    try:
+        flat = runner.val()
+    except Exception as e:
+        _release_loader_workers(e)
+        clear = _translate_failure(e, [kw["val_dataloader"].dataset])
+        if clear is None:
+            raise
+        raise clear from e
     seconds = time.perf_counter() - t0
     metrics = split_metrics(flat)
     entry: dict[str, Any] = {"epoch": None, "iteration": None, "metrics": metrics}

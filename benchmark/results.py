@@ -22,6 +22,8 @@ Writing is atomic (temp file in the same folder, fsync, ``os.replace``).
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import os
@@ -57,6 +59,18 @@ def config_slug(config: dict[str, Any]) -> str:
 def make_run_id(protocol: str, version: int, method: str, config: dict[str, Any], seeds: list[int]) -> str:
     seed = "-".join(str(s) for s in seeds)
     return f"{protocol}.v{version}--{method}--{config_slug(config)}--seed{seed}"
+
+
+def run_dir_name(run_id: str, max_len: int = 160) -> str:
+    """A folder name for a run: the run id itself when it is short enough (file systems allow 255 bytes per
+    name; a full MTLoRA config slug is longer), else its head plus a hash of the whole id, seed kept visible."""
+    safe = run_id.replace("/", "_").replace("\0", "")
+    if len(safe.encode()) <= max_len and safe == run_id:
+        return run_id
+    head, _, seed = safe.rpartition("--")
+    digest = hashlib.sha1(run_id.encode()).hexdigest()[:12]
+    keep = max_len - len(seed) - len(digest) - 4
+    return f"{head.encode()[:keep].decode(errors='ignore')}~{digest}--{seed}"
 
 
 @dataclass(frozen=True)
@@ -130,7 +144,9 @@ def validate_dict(data: Any, source: str) -> None:
     _require(isinstance(data["protocol"].get("version"), int), source, "protocol.version", "an int")
     _require(isinstance(data["method"].get("name"), str), source, "method.name", "a string")
     _require(isinstance(data["method"].get("config"), dict), source, "method.config", "an object")
-    _require(all(isinstance(s, int) for s in data["seeds"]) and data["seeds"], source, "seeds", "a non-empty list of ints")
+    _require(
+        all(isinstance(s, int) for s in data["seeds"]) and data["seeds"], source, "seeds", "a non-empty list of ints"
+    )
     for task, vals in data["metrics"].items():
         _require(isinstance(vals, dict), source, f"metrics.{task}", "an object metric -> number")
         for m, v in vals.items():
@@ -144,9 +160,16 @@ def validate_dict(data: Any, source: str) -> None:
         _require(isinstance(dm, (int, float)) and math.isfinite(dm), source, "delta_m.value", "a finite number")
     _require(isinstance(data["delta_m"].get("reference"), str), source, "delta_m.reference", "a reference name")
     expected = make_run_id(
-        data["protocol"]["name"], data["protocol"]["version"], data["method"]["name"], data["method"]["config"], data["seeds"]
+        data["protocol"]["name"],
+        data["protocol"]["version"],
+        data["method"]["name"],
+        data["method"]["config"],
+        data["seeds"],
     )
     _require(data["run_id"] == expected, source, "run_id", f"{expected!r} (derived from protocol/method/config/seeds)")
+
+
+TMP_SUFFIX = ".tmp"
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
@@ -159,19 +182,67 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to a temp file beside ``path``, fsync it, then rename it over ``path``.
+
+    Readers (and a process killed at any point) see the old file or the whole new one, never a part: a kill
+    leaves at most a stale ``.<name>.*.tmp`` beside it. Any error (disk full, ...) removes the temp file and
+    re-raises with the file name attached.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            _fault_in_write(path, f, data)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)
         raise
     return path
+
+
+def stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Temp files that an interrupted :func:`atomic_write_bytes` left in ``folder`` (never read by anything)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(f".*{TMP_SUFFIX}") if p.is_file())
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it; restored at once, at import time (single-threaded)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+# Fault injection for the test-suite only (tests/test_faults.py); inert unless the variable is set.
+# MTPEFT_FAULT_KILL_IN_WRITE=<substring>: SIGKILL this process after writing half of a matching file's temp copy.
+# MTPEFT_FAULT_ENOSPC=<substring>: fail a matching write with ENOSPC ("disk full") after writing half of it.
+FAULT_KILL_IN_WRITE = "MTPEFT_FAULT_KILL_IN_WRITE"
+FAULT_ENOSPC = "MTPEFT_FAULT_ENOSPC"
+
+
+def _fault_in_write(path: Path, f: Any, data: bytes) -> None:
+    kill, enospc = os.environ.get(FAULT_KILL_IN_WRITE), os.environ.get(FAULT_ENOSPC)
+    if not (kill and kill in path.name) and not (enospc and enospc in path.name):
+        return
+    f.write(data[: len(data) // 2])
+    f.flush()
+    os.fsync(f.fileno())
+    if kill and kill in path.name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
