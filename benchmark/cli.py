@@ -348,10 +348,10 @@ def _single(args: argparse.Namespace, spec: Any, method_cfg: Any, settings: Any,
     if settings.batch_size % world:
         raise UsageError(f"batch size {settings.batch_size} is not divisible by {world} processes")
 
-    from benchmark.results import make_run_id, run_dir_name
+    from benchmark.results import make_run_id
 
     run_id = make_run_id(protocol.name, protocol.version, spec.name, method_cfg.to_dict(), [seed])
-    work_dir = args.work_dir or (Path("work_dirs") / run_dir_name(run_id))
+    work_dir = args.work_dir or (Path("work_dirs") / run_id)
     return _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_dir, device, rank, world)
 
 

@@ -147,7 +147,9 @@ class TaskDecoder(nn.Module):
         bn_momentum: float = 0.1,
     ) -> None:
         super().__init__()
-        self.proj = nn.ModuleList(nn.Conv2d(c, m, 1, bias=False) for c, m in zip(in_channels, mid_channels))
+        self.proj = nn.ModuleList(
+            nn.Conv2d(c, m, 1, bias=False) for c, m in zip(in_channels, mid_channels, strict=True)
+        )
         cat = sum(mid_channels)
         self.head = nn.Sequential(
             nn.Conv2d(cat, hidden, 1),
@@ -157,7 +159,7 @@ class TaskDecoder(nn.Module):
         )
 
     def forward(self, feats: Features, out_size: tuple[int, int] | None = None) -> Tensor:
-        xs = [p(f) for p, f in zip(self.proj, feats)]
+        xs = [p(f) for p, f in zip(self.proj, feats, strict=True)]
         size = xs[0].shape[-2:]
         xs = [xs[0]] + [F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in xs[1:]]
         y = self.head(torch.cat(xs, dim=1))

@@ -3,7 +3,8 @@
 Schema version 1 (``result.json``)::
 
     schema        1
-    run_id        "<protocol>.v<version>--<method>--<config slug>--seed<seeds>" (derived, never typed)
+    run_id        "<protocol>.v<version>--<method>--<config id>--seed<seeds>" (derived, never typed; the
+                  config id is "default" or 12 hex digits of the sha256 of the config's canonical JSON)
     status        "success" | "debug" | "failed"; only success reaches a leaderboard table
     protocol      {"name": str, "version": int}
     method        {"name": str, "config": {field: value}}
@@ -56,21 +57,19 @@ def config_slug(config: dict[str, Any]) -> str:
     return ",".join(parts)
 
 
+def config_id(config: dict[str, Any]) -> str:
+    """A short stable id of a method config: "default" when empty, else 12 hex digits of the sha256 of its
+    canonical JSON (the readable form is ``config_slug``; a full MTLoRA slug runs to ~350 characters)."""
+    if not config:
+        return "default"
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
 def make_run_id(protocol: str, version: int, method: str, config: dict[str, Any], seeds: list[int]) -> str:
+    """``<protocol>.v<version>--<method>--<config id>--seed<seeds>``: derived from the result, never typed."""
     seed = "-".join(str(s) for s in seeds)
-    return f"{protocol}.v{version}--{method}--{config_slug(config)}--seed{seed}"
-
-
-def run_dir_name(run_id: str, max_len: int = 160) -> str:
-    """A folder name for a run: the run id itself when it is short enough (file systems allow 255 bytes per
-    name; a full MTLoRA config slug is longer), else its head plus a hash of the whole id, seed kept visible."""
-    safe = run_id.replace("/", "_").replace("\0", "")
-    if len(safe.encode()) <= max_len and safe == run_id:
-        return run_id
-    head, _, seed = safe.rpartition("--")
-    digest = hashlib.sha1(run_id.encode()).hexdigest()[:12]
-    keep = max_len - len(seed) - len(digest) - 4
-    return f"{head.encode()[:keep].decode(errors='ignore')}~{digest}--{seed}"
+    return f"{protocol}.v{version}--{method}--{config_id(config)}--seed{seed}"
 
 
 @dataclass(frozen=True)

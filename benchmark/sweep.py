@@ -8,8 +8,7 @@
   A ``--set`` value with top-level commas is a list of alternatives (``rank=16,32,64``); brackets, braces and
   quotes protect commas (``shared_rank=[64,64,64,64]`` is one value). A key applies to the selected methods
   that have that field and is an error only if none has it.
-- Each job runs in ``<sweep dir>/<run_id>/`` (``benchmark.results.make_run_id``; a run id longer than a file
-  name may be is shortened with a hash by ``run_dir_name``), as
+- Each job runs in ``<sweep dir>/<run_id>/`` (``benchmark.results.make_run_id``), as
   ``python -m benchmark.cli ... --resume`` (``torchrun --standalone --nproc_per_node N -m benchmark.cli ...``
   for ``--gpus-per-job N > 1``); the command is recorded in ``command.json`` there, its output in ``log.txt``.
 - Idempotent: a job whose ``result.json`` is complete for these settings is skipped; a killed one resumes from
@@ -36,7 +35,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from benchmark.results import ResultError, RunResult, atomic_write_json, make_run_id, run_dir_name
+from benchmark.results import ResultError, RunResult, atomic_write_json, make_run_id
 
 STATES = ("done", "skipped", "resumed", "failed")
 LOG_NAME = "log.txt"
@@ -329,7 +328,7 @@ def plan(
     expected = _expected(settings)
     jobs = []
     for p in grid:
-        job_dir = sweep_dir / run_dir_name(p.run_id)
+        job_dir = sweep_dir / p.run_id
         rec = JobRecord(p.run_id, p.method, p.config, p.seed, str(job_dir), job_command(p, args, job_dir, nproc))
         if completed(job_dir, expected):
             rec.state = "skipped"

@@ -13,7 +13,7 @@ import pytest
 
 from benchmark.cli import build_parser, main
 from benchmark.protocol import PASCAL_CONTEXT
-from benchmark.results import RunResult, make_run_id, run_dir_name
+from benchmark.results import RunResult, make_run_id
 from benchmark.sweep import SweepError, expand_grid, slurm_parameters, split_alternatives
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("MTPEFT_FAULT_")}
@@ -74,14 +74,11 @@ def test_bad_grid_is_an_error_before_anything_runs(methods, sets, expected, tmp_
     assert not (tmp_path / "s").exists()
 
 
-def test_run_dir_name_fits_a_file_name():
-    grid = expand_grid(["mtlora"], [], [3], PASCAL_CONTEXT)
-    run_id = grid[0].run_id
-    name = run_dir_name(run_id)
-    assert len(run_id) > 255 >= len(name.encode()) and name.endswith("--seed3")
-    assert run_dir_name(run_id) == name != run_dir_name(run_id.replace("seed3", "seed4"))
-    short = make_run_id("pascal-context", 1, "full_ft", {}, [0])
-    assert run_dir_name(short) == short
+def test_run_ids_are_short_folder_names_distinct_per_config():
+    grid = expand_grid(["mtlora"], ["task_rank=4,8"], [3], PASCAL_CONTEXT)
+    ids = [p.run_id for p in grid]
+    assert len(set(ids)) == 2 and all(len(i) < 80 and "/" not in i and i.endswith("--seed3") for i in ids)
+    assert make_run_id("pascal-context", 1, "full_ft", {}, [0]) == "pascal-context.v1--full_ft--default--seed0"
 
 
 # --------------------------------------------------------------------------- slurm, without submitting
@@ -151,7 +148,7 @@ def test_slurm_without_slurm_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
 def test_sweep_refuses_a_folder_holding_a_run_with_other_settings(tmp_path, capsys):
     point = expand_grid(["full_ft"], [], [0], PASCAL_CONTEXT)[0]
-    job_dir = tmp_path / "s" / run_dir_name(point.run_id)
+    job_dir = tmp_path / "s" / point.run_id
     job_dir.mkdir(parents=True)
     result = RunResult(
         run_id=point.run_id, status="debug", protocol={"name": "pascal-context", "version": 1},
@@ -220,7 +217,7 @@ def test_local_sweep_is_idempotent_resumes_killed_jobs_and_reports_failures(tmp_
     assert states(sd) == {"lora/4": "skipped", "lora/8": "skipped", "full_ft/-": "done"}
     assert "1 done, 2 skipped, 0 resumed, 0 failed" in p.stdout
     for run_id, text in logs.items():
-        assert (sd / run_dir_name(run_id) / "log.txt").read_text() == text
+        assert (sd / run_id / "log.txt").read_text() == text
     ft = next(j for j in summary(sd)["jobs"] if j["method"] == "full_ft")
     assert RunResult.read(Path(ft["job_dir"]) / "result.json").status == "debug"
 
@@ -228,7 +225,7 @@ def test_local_sweep_is_idempotent_resumes_killed_jobs_and_reports_failures(tmp_
 def test_local_sweep_dry_run_lists_skip_resume_and_run(tmp_path, capsys):
     sd = tmp_path / "s"
     grid = expand_grid(["lora"], ["rank=4,8,16"], [0], PASCAL_CONTEXT)
-    dirs = [sd / run_dir_name(p.run_id) for p in grid]
+    dirs = [sd / p.run_id for p in grid]
     (dirs[1] / "checkpoints").mkdir(parents=True)
     (dirs[1] / "checkpoints" / "epoch_1.pth").write_bytes(b"")
     code = main(["--method", "lora", "--set", "rank=4,8,16", "--preset", "tiny", "--executor", "local",
