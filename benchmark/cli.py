@@ -358,7 +358,7 @@ def _single(args: argparse.Namespace, spec: Any, method_cfg: Any, settings: Any,
 def _dry_run(args, spec, method_cfg, model_cfg, settings, protocol) -> dict[str, Any]:
     from benchmark.params import count_parameters
 
-    net = build_net(spec, method_cfg, model_cfg, None)
+    net = build_net(spec, method_cfg, model_cfg, args.pretrained)  # a --pretrained file is checked here too
     counts = count_parameters(net, spec.adapter_markers)
     out = {
         "method": spec.name,
@@ -575,8 +575,12 @@ def _select(history: list[dict[str, Any]], rule: str) -> tuple[dict[str, Any], d
 
 def _load_for_eval(net: Any, path: Path, spec: Any) -> None:
     from benchmark import engine
+    from benchmark.official import load_checkpoint_file
 
-    ckpt = engine.load_checkpoint_file(path)
+    # weights-only first; official checkpoints also pickle their yacs config, read with inert stand-ins
+    ckpt = load_checkpoint_file(path)
+    if not isinstance(ckpt, dict):
+        raise engine.CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     if engine.is_own_checkpoint(ckpt):
         if ckpt.get("method") not in (None, spec.name):
             raise engine.CheckpointError(f"{path}: checkpoint of method {ckpt.get('method')!r}, not {spec.name!r}")

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from benchmark.metrics import results_delta_m
+from benchmark.official import CheckpointError  # one error type for every checkpoint problem
 from benchmark.protocol import Protocol
 from benchmark.results import atomic_write_bytes
 
@@ -70,10 +71,6 @@ def _fault_at(name: str, iteration: int) -> bool:
 
 class NonFiniteLossError(RuntimeError):
     """Raised before the optimizer step when the loss is NaN or infinite."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
 class ResumeMismatchError(ValueError):
