@@ -5,17 +5,30 @@ Injected by HF peft (``inject_adapter_in_model`` on ``model.backbone``): each ta
 one. Targets are module-name suffixes matched by peft; the defaults are qkv, attention proj, fc1 and fc2 of every
 block (70,656 x rank parameters in Swin-T, protocol.md 3.6), not the patch-merging reductions. Only the LoRA
 matrices and the decoders train; unlike MTLoRA, norms, biases and relative-position tables stay frozen.
+
+peft builds the layers through its custom-module hook (``LoraConfig._register_custom_module``) as
+:class:`FastLoraLinear`: peft's own ``lora.Linear`` (same parameters ``lora_A.default.weight`` /
+``lora_B.default.weight``, same merge/unmerge, state dicts and adapter API) whose forward computes the same
+function in the cheapest exact form for the layer (``methods.lora_ops``): without LoRA dropout the materialised
+weight ``W + s B A`` at Swin-T's narrow first stages, a hybrid (materialised forward, low-rank factor gradients)
+in the wide ones; with dropout the factored form, with a faster dropout mask on the CPU. Anything the fast path
+does not cover (several active adapters, merged or disabled adapters, DoRA and other variants, LoRA bias,
+fan-in-fan-out weights) falls back to peft's forward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from peft import LoraConfig, inject_adapter_in_model
-from torch import nn
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch import Tensor, nn
 
 from methods.base import MethodConfig, freeze, register_method
+from methods.lora_ops import FORMS, lora_linear
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,69 @@ class LoRAConfig(MethodConfig):
             raise ValueError("targets is empty: name at least one module suffix, e.g. qkv")
 
 
+class FastLoraLinear(PeftLoraLinear):
+    """peft's LoRA ``Linear`` with a faster forward for the plain single-adapter case (module docstring)."""
+
+    form: str = "auto"  # one of methods.lora_ops.FORMS; "auto" picks per call from width, rank and tokens
+
+    def _fast_adapter(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        """The adapter the fast path computes, or None when peft's forward must run."""
+        if args or kwargs or self.disable_adapters or self.merged or self.fan_in_fan_out:
+            return None
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if len(active) != 1:
+            return None
+        a = active[0]
+        if a in self.lora_variant or self.lora_bias.get(a, False) or type(self.get_base_layer()) is not nn.Linear:
+            return None
+        if x.dtype != self.lora_A[a].weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            return None  # peft casts the input; keep its semantics
+        return a
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        a = self._fast_adapter(x, args, kwargs)
+        if a is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        drop = self.lora_dropout[a]
+        p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+        return lora_linear(
+            x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], p,
+            drop.training, self.form,
+        )  # fmt: skip
+
+
+def set_lora_form(module: nn.Module, form: str) -> int:
+    """Force one form (``methods.lora_ops.FORMS``) on every FastLoraLinear in ``module``; returns how many."""
+    if form not in FORMS:
+        raise ValueError(f"unknown LoRA form {form!r}; choose from {list(FORMS)}")
+    layers = [m for m in module.modules() if isinstance(m, FastLoraLinear)]
+    for m in layers:
+        m.form = form
+    return len(layers)
+
+
+def peft_config(cfg: LoRAConfig, fast: bool = True) -> LoraConfig:
+    """The peft LoraConfig of ``cfg``; ``fast`` registers :class:`FastLoraLinear` for ``nn.Linear`` targets."""
+    out = LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets), bias="none"
+    )
+    if fast:
+        out._register_custom_module({nn.Linear: FastLoraLinear})
+    return out
+
+
+def inject(model: nn.Module, cfg: LoRAConfig, fast: bool = True) -> nn.Module:
+    """Freeze the backbone and inject LoRA through peft; ``fast=False`` keeps peft's own layers (the anchor
+    ``benchmark.perf`` measures against)."""
+    cfg.validate()
+    freeze(model.backbone)
+    inject_adapter_in_model(peft_config(cfg, fast), model.backbone)
+    for p in model.decoders.parameters():
+        p.requires_grad_(True)
+    return model
+
+
 @register_method(
     "lora",
     config=LoRAConfig,
@@ -42,12 +118,4 @@ class LoRAConfig(MethodConfig):
     identity_at_init=True,
 )
 def apply(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    cfg.validate()
-    freeze(model.backbone)
-    peft_cfg = LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets), bias="none"
-    )
-    inject_adapter_in_model(peft_cfg, model.backbone)
-    for p in model.decoders.parameters():
-        p.requires_grad_(True)
-    return model
+    return inject(model, cfg, fast=True)

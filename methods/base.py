@@ -11,10 +11,13 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from benchmark.registry import Registry
@@ -119,6 +122,60 @@ def unfreeze_matching(module: nn.Module, substrings: Iterable[str]) -> int:
             p.requires_grad_(True)
             n += p.numel()
     return n
+
+
+# --------------------------------------------------------------------------- evaluation with merged adapters
+
+
+def _is_peft_tuner_layer(m: nn.Module) -> bool:
+    # duck-typed so that this module needs no peft import: peft's BaseTunerLayer API
+    return all(hasattr(m, a) for a in ("merged_adapters", "get_base_layer", "merge", "unmerge"))
+
+
+def _merge_layer(m: nn.Module) -> Callable[[], None] | None:
+    """Merge one layer's adapter into its weights; returns the function that restores them exactly."""
+    if getattr(m, "exact_unmerge", False):  # layers that keep their frozen weight themselves (MTLoRALinear)
+        return m.unmerge if m.merge() else None
+    if not _is_peft_tuner_layer(m) or m.merged or not m.active_adapters:
+        return None
+    base = m.get_base_layer()
+    saved = {n: p.detach().clone() for n, p in base.named_parameters(recurse=False)}
+    m.merge()
+    if not m.merged:  # nothing to merge (e.g. no active adapter on this layer)
+        return None
+
+    @torch.no_grad()
+    def restore() -> None:
+        with warnings.catch_warnings():  # e.g. "Unmerge result can be inaccurate for (IA)^3": the copy fixes it
+            warnings.simplefilter("ignore")
+            m.unmerge()  # peft's own bookkeeping; its arithmetic inverse is not exact, so copy the saved values back
+        params = dict(base.named_parameters(recurse=False))
+        for n, v in saved.items():
+            params[n].copy_(v)
+
+    return restore
+
+
+@contextmanager
+def merge_for_eval(net: nn.Module) -> Iterator[int]:
+    """Fold LoRA-family updates into the frozen weights while evaluating; the exact weights come back on exit.
+
+    Merges peft tuner layers (``lora`` and the peft bridge: LoRA, DoRA, LoHa, LoKr, IA3, VeRA, OFT, through
+    peft's ``merge``) and layers that restore themselves exactly (``exact_unmerge = True``: MTLoRA's shared
+    branch). Yields the number of merged layers (0 for methods without mergeable adapters). Evaluation only:
+    the model must not train, nor be saved, while merged (peft layers would save the merged weights).
+    """
+    restores: list[Callable[[], None]] = []
+    try:
+        with torch.no_grad():
+            for m in net.modules():
+                r = _merge_layer(m)
+                if r is not None:
+                    restores.append(r)
+        yield len(restores)
+    finally:
+        for r in reversed(restores):
+            r()
 
 
 # --------------------------------------------------------------------------- --set key=value parsing

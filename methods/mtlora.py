@@ -31,11 +31,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor, nn
 
 from benchmark.model import Features, SwinBackbone
 from methods.base import MethodConfig, freeze, register_method, unfreeze_matching
+from methods.lora_ops import fast_dropout, lora_linear
 
 SHARED_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 TASK_TARGETS = ("attn.proj", "mlp.fc1", "mlp.fc2")  # qkv is never task-specific in MTLoRA
@@ -149,7 +151,16 @@ class MTLoRALinear(nn.Linear):
     unchanged); adds ``lora_shared_A`` [r, in], ``lora_shared_B`` [out, r], ``lora_tasks_A.<task>``
     and ``lora_tasks_B.<task>`` (the official names). ``forward`` gives the shared output;
     ``forward_tasks`` also the per-task outputs, stacked on a leading task axis.
+
+    The shared LoRA is computed factored (``methods.lora_ops.lora_linear``: the low-rank product accumulated
+    into the frozen GEMM's output, the scale folded into B) and its dropout mask is drawn as geometric gaps on
+    the CPU (``fast_dropout``: the distribution of ``nn.Dropout``, a different random stream). ``form = "auto"``
+    would also use the materialised/hybrid forms when dropout is off; it is not the default because its
+    rounding moves one gradient of the official parity fixture just past the 1e-3 check (docs/perf.md).
     """
+
+    form: str = "factored"  # methods.lora_ops.FORMS
+    exact_unmerge = True  # merge()/unmerge() restore the frozen weight bit for bit (methods.base.merge_for_eval)
 
     def __init__(
         self,
@@ -197,8 +208,15 @@ class MTLoRALinear(nn.Linear):
             nn.init.zeros_(self.lora_tasks_B[t])
 
     def _shared_delta(self, xd: Tensor) -> Tensor:
-        # same grouping as the official code: ((x A^T) B^T) * s
+        # the official grouping, ((x A^T) B^T) * s: the per-task reference path keeps it
         return (xd @ self.lora_shared_A.t() @ self.lora_shared_B.t()) * self.shared_scale
+
+    @property
+    def dropout_p(self) -> float:
+        return float(self.lora_dropout.p) if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        return fast_dropout(x, self.dropout_p, self.training)
 
     def _check_mode(self) -> None:
         if self.merged and self.training:
@@ -206,10 +224,13 @@ class MTLoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_mode()
-        out = F.linear(x, self.weight, self.bias)
-        if self.shared_rank and not self.merged:
-            out = out + self._shared_delta(self.lora_dropout(x))
-        return out
+        if not self.shared_rank or self.merged:
+            return F.linear(x, self.weight, self.bias)
+        # the cheapest exact form for this width, rank and token count (methods.lora_ops)
+        return lora_linear(
+            x, self.weight, self.bias, self.lora_shared_A, self.lora_shared_B, self.shared_scale, self.dropout_p,
+            self.training, self.form, fast_dropout,
+        )  # fmt: skip
 
     def stacked_task_factors(self) -> tuple[Tensor, Tensor]:
         """Task LoRA factors stacked: A [T, r, in], B [T, out, r] (smaller ranks zero-padded, which adds exact zeros)."""
@@ -221,6 +242,40 @@ class MTLoRALinear(nn.Linear):
             b = [F.pad(x, (0, r - x.shape[1])) for x in b]
         return torch.stack(a), torch.stack(b)
 
+    def task_factors(self) -> tuple[Tensor, Tensor]:
+        """``A`` [T, r, in] and ``s_t B`` [T, out, r]: the task scales folded into the small B factors."""
+        a, b = self.stacked_task_factors()
+        if len(set(self.task_scales)) == 1:
+            return a, b * self.task_scales[0]
+        return a, b * b.new_tensor(self.task_scales).view(-1, 1, 1)
+
+    def task_low_rank(
+        self, x2: Tensor, x_tasks: Tensor | None, with_tasks: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """For token rows ``x2`` [M, in]: the shared output, ``pre = W x + b`` and the task codes ``A_t u_t``
+        [T, M, r] (``u_t`` as in :meth:`forward_tasks`; None unless ``with_tasks``)."""
+        n_tasks = len(self.tasks)
+        pre = F.linear(x2, self.weight, self.bias)  # [M, out], shared by the shared and every task output
+        xd = self._dropout(x2)
+        h_shared = h_tasks = None
+        if with_tasks and x_tasks is None:  # one input for all: one GEMM against the shared and task A's
+            a = self.stacked_task_factors()[0]
+            parts = ([self.lora_shared_A] if self.shared_rank else []) + [a.reshape(-1, self.in_features)]
+            h = xd @ torch.cat(parts).t()
+            if self.shared_rank:
+                h_shared, h = h[:, : self.shared_rank], h[:, self.shared_rank :]
+            h_tasks = h.view(-1, n_tasks, a.shape[1]).transpose(0, 1)  # [T, M, r]
+        else:
+            if self.shared_rank:
+                h_shared = xd @ self.lora_shared_A.t()
+            if with_tasks:
+                a = self.stacked_task_factors()[0]
+                h_tasks = torch.bmm(x_tasks.reshape(n_tasks, -1, self.in_features), a.transpose(1, 2))
+        shared = pre
+        if h_shared is not None:
+            shared = torch.addmm(pre, h_shared, (self.lora_shared_B * self.shared_scale).t())
+        return shared, pre, h_tasks
+
     def forward_tasks(self, x: Tensor, x_tasks: Tensor | None = None, batched: bool = True) -> tuple[Tensor, Tensor]:
         """Shared output and per-task outputs [T, *x.shape].
 
@@ -230,34 +285,26 @@ class MTLoRALinear(nn.Linear):
         if not self.tasks:
             raise RuntimeError("forward_tasks on an MTLoRALinear without task LoRA")
         self._check_mode()
-        pre = F.linear(x, self.weight, self.bias)
-        xd = self.lora_dropout(x)
-        shared = pre + self._shared_delta(xd) if self.shared_rank else pre
         n_tasks = len(self.tasks)
         if x_tasks is not None and x_tasks.shape[0] != n_tasks:
             raise ValueError(f"x_tasks has {x_tasks.shape[0]} task entries, the layer has {n_tasks} tasks")
-        if batched:
-            a, b = self.stacked_task_factors()
-            if x_tasks is None:  # one input for all tasks: a single matmul against the concatenated A's
-                r = a.shape[1]
-                h = (xd.reshape(-1, self.in_features) @ a.reshape(-1, self.in_features).t()).view(-1, n_tasks, r)
-                h = h.transpose(0, 1)  # [T, M, r]
-            else:
-                h = x_tasks.reshape(n_tasks, -1, self.in_features) @ a.transpose(1, 2)
-            delta = h @ b.transpose(1, 2)  # [T, M, out]
-            if len(set(self.task_scales)) == 1:
-                delta = delta * self.task_scales[0]
-            else:
-                delta = delta * delta.new_tensor(self.task_scales).view(-1, 1, 1)
-            tasks = pre.unsqueeze(0) + delta.view(n_tasks, *pre.shape)
-        else:  # reference: one task at a time, exactly as the official layer
+        x2 = x.reshape(-1, self.in_features)
+        if not batched:  # reference: one task at a time, exactly as the official layer
+            pre = F.linear(x2, self.weight, self.bias)
+            xd = self._dropout(x2)
+            shared = pre + self._shared_delta(xd) if self.shared_rank else pre
             outs = []
             for i, t in enumerate(self.tasks):
-                u = xd if x_tasks is None else x_tasks[i]
+                u = xd if x_tasks is None else x_tasks[i].reshape(-1, self.in_features)
                 d = u @ self.lora_tasks_A[t].t() @ self.lora_tasks_B[t].t() * self.task_scales[i]
                 outs.append(pre + d)
-            tasks = torch.stack(outs)
-        return shared, tasks
+            return shared.view(*x.shape[:-1], -1), torch.stack(outs).view(n_tasks, *x.shape[:-1], -1)
+        shared, pre, h_tasks = self.task_low_rank(x2, x_tasks)
+        assert h_tasks is not None
+        b = self.task_factors()[1]
+        # pre + s_t B_t h_t for every task in one batched GEMM that writes its output once
+        tasks = torch.baddbmm(pre.unsqueeze(0).expand(n_tasks, -1, -1), h_tasks, b.transpose(1, 2))
+        return shared.view(*x.shape[:-1], -1), tasks.view(n_tasks, *x.shape[:-1], -1)
 
     @torch.no_grad()
     def merge(self) -> bool:
@@ -324,6 +371,119 @@ def _attention_before_proj(attn: nn.Module, x: Tensor, mask: Tensor | None) -> T
     return (a @ v).transpose(1, 2).reshape(b_, n, -1)
 
 
+# Token rows per chunk of the fused task MLP: T x rows x hidden floats of ~4 MB stay in the CPU caches.
+TASK_MLP_CHUNK_BYTES = 4 * 2**20
+
+
+class _TaskMLPCodes(torch.autograd.Function):
+    """``A2_t act(pre1 + h1_t B1_t^T)`` for every task t: the fc2 task codes [T, M, r2] of a task MLP.
+
+    The unfused path materialises the task hidden activations [T, M, 4C] (the largest tensors of MTLoRA: 154 MB
+    per task block at Swin-T's first stage, 448 px, batch 2), passes over them about a dozen times and keeps two
+    copies for backward. Here they only ever exist for a chunk of token rows, in cache, and backward recomputes
+    them from ``pre1`` [M, 4C] and the rank-r codes: the same arithmetic, a fraction of the memory traffic.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        pre1: Tensor,
+        h1: Tensor,
+        b1: Tensor,
+        a2: Tensor,
+        approximate: str,
+    ) -> Tensor:
+        n_tasks, m, _ = h1.shape
+        rows = _chunk_rows(n_tasks, pre1.shape[1], pre1.element_size())
+        out = pre1.new_empty(n_tasks, m, a2.shape[1])
+        b1t, a2t = b1.transpose(1, 2), a2.transpose(1, 2)
+        for s in range(0, m, rows):
+            e = min(m, s + rows)
+            z = torch.bmm(h1[:, s:e], b1t).add_(pre1[s:e])  # pre1 + h1_t B1_t^T, [T, rows, 4C]
+            out[:, s:e] = torch.bmm(F.gelu(z, approximate=approximate), a2t)
+        ctx.save_for_backward(pre1, h1, b1, a2)
+        ctx.approximate = approximate  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        pre1, h1, b1, a2 = ctx.saved_tensors  # type: ignore[attr-defined]
+        approximate = ctx.approximate  # type: ignore[attr-defined]
+        n_tasks, m, _ = h1.shape
+        rows = _chunk_rows(n_tasks, pre1.shape[1], pre1.element_size())
+        g_pre, g_h1 = torch.empty_like(pre1), torch.empty_like(h1)
+        g_b1, g_a2 = torch.zeros_like(b1), torch.zeros_like(a2)
+        b1t = b1.transpose(1, 2)
+        for s in range(0, m, rows):
+            e = min(m, s + rows)
+            z = torch.bmm(h1[:, s:e], b1t).add_(pre1[s:e])  # recomputed
+            g = grad[:, s:e]
+            g_a2.baddbmm_(g.transpose(1, 2), F.gelu(z, approximate=approximate))
+            g_z = torch.ops.aten.gelu_backward(torch.bmm(g, a2), z, approximate=approximate)
+            torch.sum(g_z, 0, out=g_pre[s:e])
+            g_h1[:, s:e] = torch.bmm(g_z, b1)
+            g_b1.baddbmm_(g_z.transpose(1, 2), h1[:, s:e])
+        return g_pre, g_h1, g_b1, g_a2, None
+
+
+def _chunk_rows(n_tasks: int, hidden: int, itemsize: int) -> int:
+    return max(16, TASK_MLP_CHUNK_BYTES // max(1, n_tasks * hidden * itemsize))
+
+
+def _fusable_task_mlp(mlp: nn.Module) -> bool:
+    """Both MLP linears carry task LoRA and act is a plain GELU with nothing else between the linears."""
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    plain = all(
+        isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0.0) for m in (mlp.drop1, mlp.norm)
+    )
+    return (
+        plain
+        and type(mlp.act) is nn.GELU
+        and isinstance(fc1, MTLoRALinear)
+        and isinstance(fc2, MTLoRALinear)
+        and bool(fc1.tasks)
+        and fc1.tasks == fc2.tasks
+    )
+
+
+def _fused_task_mlp(mlp: nn.Module, n: Tensor, n_tasks: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The batched MLP of a task block without materialising the task hidden activations (_TaskMLPCodes).
+
+    Shared: ``fc2(act(fc1(n)))``; task t: ``W2 z + b2 + s2_t B2_t A2_t act(W1 n + b1 + s1_t B1_t A1_t u_t)``
+    with ``z`` the shared hidden activation, exactly as the unfused path computes them.
+    """
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    fc1._check_mode()
+    fc2._check_mode()
+    lead = n.shape[:-1]
+    s1, pre1, h1 = fc1.task_low_rank(n.reshape(-1, fc1.in_features), n_tasks)
+    assert h1 is not None
+    b1 = fc1.task_factors()[1]
+    a2, b2 = fc2.task_factors()
+    codes = _TaskMLPCodes.apply(pre1, h1, b1, a2, mlp.act.approximate)  # [T, M, r2]
+    o, pre2, _ = fc2.task_low_rank(mlp.act(s1), None, with_tasks=False)
+    o_tasks = torch.baddbmm(pre2.unsqueeze(0).expand(len(fc2.tasks), -1, -1), codes, b2.transpose(1, 2))
+    return o.view(*lead, -1), o_tasks.view(len(fc2.tasks), *lead, -1)
+
+
+def _is_identity(m: nn.Module) -> bool:
+    return isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0.0)
+
+
+def _drop_path_add(base: Tensor, x: Tensor, drop_path: nn.Module) -> Tensor:
+    """``base + DropPath(x)`` for task streams x [T, B, ...] (one draw per task and sample, as ``_per_task`` with
+    timm's ``drop_path``: same draws, same scaling), in one pass over memory instead of two or three."""
+    if isinstance(drop_path, nn.Identity) or not drop_path.training or getattr(drop_path, "drop_prob", 0.0) == 0.0:
+        return base + x
+    if type(drop_path) is not DropPath:
+        return base + _per_task(drop_path, x, True)
+    keep = 1.0 - drop_path.drop_prob
+    mask = x.new_empty(x.shape[0] * x.shape[1], *([1] * (x.ndim - 2))).bernoulli_(keep)
+    if keep > 0.0 and drop_path.scale_by_keep:
+        mask.div_(keep)
+    return torch.addcmul(base, x, mask.view(x.shape[0], x.shape[1], *([1] * (x.ndim - 2))))
+
+
 def _per_task(fn: Callable[[Tensor], Tensor], x: Tensor, batched: bool) -> Tensor:
     """Apply a per-sample op to task streams [T, B, ...]: tasks folded into the batch, or one at a time."""
     if batched:
@@ -350,13 +510,28 @@ def _task_block_forward(blk: SwinTransformerBlock, x: Tensor, batched: bool) -> 
     windows = window_partition(y, ws).view(-1, ws[0] * ws[1], c)
     a = _attention_before_proj(blk.attn, windows, blk.attn_mask)
 
-    def unwindow(t: Tensor) -> Tensor:  # [nW*B', N, C] -> [B', H, W, C]
-        t = window_reverse(t.view(-1, ws[0], ws[1], c), ws, hp, wp)[:, :h, :w, :].contiguous()
+    def unwindow(t: Tensor) -> Tensor:  # [nW*B', N, C'] -> [B', H, W, C']
+        t = window_reverse(t.view(-1, ws[0], ws[1], t.shape[-1]), ws, hp, wp)[:, :h, :w, :].contiguous()
         return torch.roll(t, shifts=shift, dims=(1, 2)) if has_shift else t
 
     proj = blk.attn.proj
     h_tasks = None
-    if isinstance(proj, MTLoRALinear) and proj.tasks:
+    if batched and isinstance(proj, MTLoRALinear) and proj.tasks and _is_identity(blk.attn.proj_drop):
+        # Window reversal and the shift are per-token permutations, so they commute with the task LoRA:
+        # unwindow(pre + h_t B_t^T) = unwindow(pre) + unwindow(h_t) B_t^T. Reversing ``pre`` once and the rank-r
+        # codes h_t replaces T reversals of [M, C] task outputs.
+        proj._check_mode()
+        s, pre, codes = proj.task_low_rank(a.reshape(-1, c), None)
+        assert codes is not None
+        n_tasks, r = codes.shape[0], codes.shape[-1]
+        pre_u = unwindow(pre.view(a.shape)).reshape(1, -1, c)
+        codes_u = unwindow(codes.reshape(n_tasks * a.shape[0], a.shape[1], r)).reshape(n_tasks, -1, r)
+        b_t = proj.task_factors()[1]
+        t = torch.baddbmm(pre_u.expand(n_tasks, -1, -1), codes_u, b_t.transpose(1, 2)).view(n_tasks, *x.shape)
+        # official: h_t = shortcut + DropPath(proj_t), one drop-path draw per task and sample
+        h_tasks = _drop_path_add(shortcut, t, blk.drop_path1)
+        s = s.view(a.shape)
+    elif isinstance(proj, MTLoRALinear) and proj.tasks:
         s, t = proj.forward_tasks(a, None, batched)
         t = blk.attn.proj_drop(t)
         # official: h_t = shortcut + DropPath(proj_t), one drop-path draw per task and sample
@@ -368,6 +543,13 @@ def _task_block_forward(blk: SwinTransformerBlock, x: Tensor, batched: bool) -> 
     mlp = blk.mlp
     n = blk.norm2(x)
     n_tasks = blk.norm2(h_tasks) if h_tasks is not None else None
+    if batched and _fusable_task_mlp(mlp):
+        o, o_tasks = _fused_task_mlp(mlp, n, n_tasks)
+        out = x + blk.drop_path2(mlp.drop2(o))
+        o_tasks = mlp.drop2(o_tasks)
+        if h_tasks is None:
+            return out, _per_task(blk.drop_path2, o_tasks, batched)
+        return out, _drop_path_add(h_tasks, o_tasks, blk.drop_path2)
     if isinstance(mlp.fc1, MTLoRALinear) and mlp.fc1.tasks:
         z, z_tasks = mlp.fc1.forward_tasks(n, n_tasks, batched)
     else:

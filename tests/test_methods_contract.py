@@ -25,7 +25,7 @@ TASKS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3}
 IMG = 64
 ROOT = Path(__file__).resolve().parents[1]
 # modules of methods/ and baselines/ that are infrastructure, not methods
-NOT_METHODS = {"methods", "methods.base", "baselines"}
+NOT_METHODS = {"methods", "methods.base", "methods.lora_ops", "baselines"}
 
 
 def _model(seed: int = 0) -> MultiTaskModel:

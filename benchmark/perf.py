@@ -1,0 +1,775 @@
+"""What a method costs: train step, the reference step, evaluation throughput, peak memory, the data pipeline.
+
+    python -m benchmark.perf --methods full_ft,decoders_only,lora,mtlora --img 448 --batch 2 --steps 5 --json perf.json
+
+A method entry is a registered method name, optionally with config overrides in brackets, e.g.
+``lora[rank=64,alpha=64,dropout=0]`` or ``mtlora[shared_rank=[16,16,16,16]]``; ``_form=NAME`` in the brackets
+forces one LoRA form (``methods.lora_ops.FORMS``) on the method's LoRA layers. Two entries are internal to this
+tool: ``reference`` (see below) and ``peft_lora_reference[...]``, the ``lora`` config injected with peft's own
+LoRA layers, the anchor the fast ``lora`` layers are compared with. ``reference`` and ``full_ft`` are always
+measured: every step time is also given as a ratio to them.
+
+Measured per method, all in one process with the methods interleaved (in each round every method runs once,
+the order rotating), warm-up rounds dropped, medians over the remaining rounds:
+
+- train step: forward, multi-task loss, backward, gradient clipping (max norm 5, as the protocol) and an AdamW
+  step on the trainable parameters;
+- the reference step: the model with a frozen backbone and trained decoders, backward through the backbone's
+  activations (the input image requires a gradient) but no backbone weight gradients: the cost floor of any
+  adapter method;
+- evaluation images/s (eval mode, no gradients, forward + the protocol's meters' ``stats``) and forward-only
+  images/s, both with LoRA-family updates merged into the weights (``methods.base.merge_for_eval``), plus the
+  unmerged forward;
+- peak memory, each method in a fresh subprocess (two train steps): CUDA max allocated on a GPU, peak resident
+  set size on the CPU (which includes the Python/torch runtime; ``step_mem_bytes`` is the peak minus the memory
+  held after building the model);
+- the data pipeline: images/s of one worker (1 torch and 1 OpenCV thread) loading and transforming training
+  samples at the image size (a generated dataset in the PASCAL_MT layout unless ``--data`` names one).
+
+On Linux the timing process asks glibc malloc to keep freed memory (``mallopt``) so that large activations are
+not returned to and faulted back from the kernel at every step (what CUDA's caching allocator does on a GPU);
+``--no-malloc-tuning`` turns that off. Memory subprocesses never tune malloc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from benchmark.losses import MultiTaskLoss
+from benchmark.model import SWIN_VARIANTS, MultiTaskModel, model_config_for
+from benchmark.params import count_parameters
+from benchmark.protocol import TASKS as TASK_SPECS
+
+SCHEMA = 1
+ANCHORS = ("reference", "full_ft")
+INTERNAL = ("reference", "peft_lora_reference")
+TASK_NAMES = tuple(TASK_SPECS)  # semseg, human_parts, sal, normals
+CLIP_GRAD = 5.0  # protocol.md 2.4
+WEIGHT_DECAY = 0.05
+
+
+class PerfError(ValueError):
+    """Bad input to the perf tool (unknown method, malformed entry, impossible image size, ...)."""
+
+
+# --------------------------------------------------------------------------- method entries
+
+
+@dataclass(frozen=True)
+class Entry:
+    label: str  # as given on the command line, the key of every result
+    name: str  # registered method name, or one of INTERNAL
+    overrides: tuple[str, ...] = ()  # key=value config overrides
+    form: str | None = None  # forced LoRA form (the _form pseudo-override)
+
+
+def split_top(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside brackets: ``a[x=1,y=[2,3]],b`` -> ``['a[x=1,y=[2,3]]', 'b']``."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+            if depth < 0:
+                raise PerfError(f"--methods {text!r}: unbalanced ']'")
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise PerfError(f"--methods {text!r}: unbalanced '['")
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_entry(text: str) -> Entry:
+    from methods import METHODS
+    from methods.lora_ops import FORMS
+
+    name, overrides = text, []
+    if "[" in text:
+        if not text.endswith("]"):
+            raise PerfError(f"method entry {text!r}: expected NAME or NAME[key=value,...]")
+        name, inner = text[: text.index("[")], text[text.index("[") + 1 : -1]
+        overrides = split_top(inner)
+    if ":" in text:
+        raise PerfError(f"method entry {text!r}: ':' is reserved for --pair")
+    form = None
+    rest = []
+    for o in overrides:
+        if o.startswith("_form="):
+            form = o.split("=", 1)[1]
+            if form not in FORMS:
+                raise PerfError(f"method entry {text!r}: _form={form!r} is not one of {list(FORMS)}")
+        else:
+            rest.append(o)
+    if name not in INTERNAL:
+        try:
+            METHODS.get(name)
+        except KeyError as e:
+            raise PerfError(f"method entry {text!r}: {e.args[0]}") from None
+    entry = Entry(text, name, tuple(rest), form)
+    method_config(entry)  # bad overrides fail here, before anything runs
+    return entry
+
+
+def method_config(entry: Entry) -> Any:
+    """The entry's validated method config (``LoRAConfig`` for peft_lora_reference, decoders_only's for reference)."""
+    from baselines.lora import LoRAConfig
+    from methods import METHODS
+    from methods.base import apply_overrides
+
+    if entry.name == "peft_lora_reference":
+        base: Any = LoRAConfig()
+    else:
+        base = METHODS.get("decoders_only" if entry.name == "reference" else entry.name).default_config()
+    try:
+        cfg = apply_overrides(base, entry.overrides)
+        cfg.validate(TASK_NAMES)
+    except ValueError as e:
+        raise PerfError(f"method entry {entry.label!r}: {e}") from None
+    return cfg
+
+
+def parse_methods(text: str) -> list[Entry]:
+    """Entries of ``--methods``, the anchors (reference, full_ft) first when missing; duplicates are an error."""
+    entries = [parse_entry(t) for t in split_top(text)]
+    labels = [e.label for e in entries]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise PerfError(f"--methods: {dup} given twice")
+    missing = [Entry(a, a) for a in ANCHORS if a not in labels]
+    return missing + entries
+
+
+# --------------------------------------------------------------------------- building and stepping one method
+
+
+def model_config(backbone: str, img: int) -> Any:
+    try:
+        return model_config_for(backbone, {t: s.out_channels for t, s in TASK_SPECS.items()}, img_size=img)
+    except (KeyError, ValueError) as e:
+        raise PerfError(f"--backbone {backbone} --img {img}: {e.args[0]}") from None
+
+
+def build_net(entry: Entry, backbone: str, img: int) -> nn.Module:
+    """The entry's model on a fresh multi-task Swin (seed 0), its trainable set as the method defines it."""
+    from baselines.lora import inject
+    from methods import METHODS
+
+    method_cfg = method_config(entry)
+    torch.manual_seed(0)
+    model = MultiTaskModel(model_config(backbone, img))
+    try:
+        if entry.name == "peft_lora_reference":
+            net = inject(model, method_cfg, fast=False)
+        else:
+            net = METHODS.get("decoders_only" if entry.name == "reference" else entry.name).apply(model, method_cfg)
+    except ValueError as e:
+        raise PerfError(f"method entry {entry.label!r}: {e}") from None
+    if entry.form is not None:
+        n = 0
+        for m in net.modules():
+            if hasattr(m, "form"):
+                m.form = entry.form
+                n += 1
+        if not n:
+            raise PerfError(f"method entry {entry.label!r}: _form given but the method has no LoRA layers")
+    return net
+
+
+def make_batch(batch: int, img: int, device: torch.device, seed: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    """A random image batch and protocol-shaped targets (labels with some 255 = ignore)."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, 3, img, img, generator=g)
+
+    def labels(n_classes: int) -> Tensor:
+        y = torch.randint(0, n_classes, (batch, 1, img, img), generator=g).float()
+        return y.masked_fill(torch.rand(y.shape, generator=g) < 0.05, 255.0)
+
+    normals = F.normalize(torch.randn(batch, 3, img, img, generator=g), dim=1)
+    normals = normals.masked_fill((torch.rand(batch, 1, img, img, generator=g) < 0.1).expand_as(normals), 255.0)
+    targets = {
+        "semseg": labels(TASK_SPECS["semseg"].out_channels),
+        "human_parts": labels(TASK_SPECS["human_parts"].out_channels),
+        "sal": (torch.rand(batch, 1, img, img, generator=g) > 0.5).float(),
+        "normals": normals,
+    }
+    return image.to(device), {t: v.to(device) for t, v in targets.items()}
+
+
+def _param_groups(net: nn.Module) -> list[dict[str, Any]]:
+    # the engine's grouping (no decay on 1-D parameters and biases), repeated here to keep mmengine out of perf
+    decay, no_decay = [], []
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class Bench:
+    """One method ready to step: model, optimiser, loss, meters and a fixed batch."""
+
+    entry: Entry
+    net: nn.Module
+    device: torch.device
+    amp: bool = False
+    compile: bool = False
+    channels_last: bool = False
+    batch: int = 2
+    img: int = 448
+    backbone_only: bool = False  # time the backbone alone (features -> a mean-square loss), no decoders, no eval
+    image: Tensor = field(init=False)
+    targets: dict[str, Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        from benchmark.metrics import build_meters
+
+        self.net.to(self.device)
+        self.image, self.targets = make_batch(self.batch, self.img, self.device)
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+            self.image = self.image.contiguous(memory_format=torch.channels_last)
+        self.train_image = self.image.clone().requires_grad_(self.entry.name == "reference")
+        self.params = [p for p in self.net.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(_param_groups(self.net), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+        self.loss = MultiTaskLoss(list(TASK_SPECS.values()))
+        self.meters = build_meters(TASK_NAMES)
+        module = self.net.backbone if self.backbone_only else self.net
+        self.fn: Callable[[Tensor], Any] = torch.compile(module) if self.compile else module
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def train_step(self) -> float:
+        self.net.train()
+        with self._autocast():
+            out = self.fn(self.train_image)
+            if self.backbone_only:
+                loss = sum(f.float().square().mean() for f in _features(out))
+            else:
+                loss = self.loss({t: o.float() for t, o in out.items()}, self.targets)["total"]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP_GRAD)
+        self.opt.step()
+        self.train_image.grad = None
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def forward(self) -> Any:
+        self.net.eval()
+        with self._autocast():
+            return self.fn(self.image)
+
+    @torch.no_grad()
+    def eval_step(self) -> None:
+        if self.backbone_only:
+            raise RuntimeError("no evaluation in backbone-only mode: the meters need the decoders' outputs")
+        out = self.forward()
+        for t, m in self.meters.items():
+            m.stats(out[t].float(), self.targets[t])
+
+
+def _features(out: Any) -> list[Tensor]:
+    """The stage features of a backbone output: a list, or {task: list} with per-task streams (MTLoRA)."""
+    if isinstance(out, dict):
+        return [f for feats in out.values() for f in feats]
+    return list(out)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(
+    benches: Sequence[Bench],
+    fn: Callable[[Bench], Any],
+    rounds: int,
+    warmup: int,
+    what: str,
+    around: Callable[[Bench], contextlib.AbstractContextManager[Any]] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds of ``fn(bench)`` per method over ``rounds`` rounds after ``warmup`` rounds, methods interleaved."""
+    times: dict[str, list[float]] = {b.entry.label: [] for b in benches}
+    n = len(benches)
+    for r in range(warmup + rounds):
+        order = [benches[(i + r) % n] for i in range(n)]  # rotate, so no method always follows the same one
+        for b in order:
+            with around(b) if around is not None else contextlib.nullcontext():
+                _sync(b.device)
+                t0 = time.perf_counter()
+                fn(b)
+                _sync(b.device)
+                dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[b.entry.label].append(dt)
+        tag = "warm-up" if r < warmup else "round"
+        k = r + 1 if r < warmup else r - warmup + 1
+        print(f"[perf] {what}: {tag} {k}/{warmup if r < warmup else rounds} done", file=sys.stderr, flush=True)
+    return times
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory in glibc's heap (no mmap for large blocks, no trimming); False where not glibc."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+# --------------------------------------------------------------------------- memory (fresh process per method)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM) from the current RSS; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def memory_child(entry: Entry, args: argparse.Namespace) -> dict[str, int]:
+    """Run in a fresh process: build the method, take two train steps, report the peak memory.
+
+    CUDA: ``peak_mem_bytes`` = max allocated. CPU: the peak RSS over building and stepping minus the RSS of
+    the bare runtime before building (torch alone holds ~0.7 GB), i.e. the same quantity: weights, optimiser
+    state, gradients and activations; ``peak_rss_bytes`` is the raw process peak. ``step_mem_bytes`` is the
+    peak minus what the built model holds before its first step.
+    """
+    import benchmark.metrics  # noqa: F401  (everything the steps import, loaded before the baseline)
+    import methods  # noqa: F401
+
+    device = torch.device(args.device)
+    out: dict[str, int] = {}
+    if device.type == "cuda":
+        runtime = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        runtime = _rss_bytes()
+        if not _reset_peak_rss():
+            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs); CPU memory needs Linux")
+    bench = Bench(entry, build_net(entry, args.backbone, args.img), device, args.amp, False, args.channels_last,
+                  args.batch, args.img, args.backbone_only)  # fmt: skip
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss_bytes()
+    for _ in range(2):  # the second step holds the optimiser state too
+        bench.train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = _peak_rss_bytes()
+        out["peak_rss_bytes"] = peak
+        out["runtime_rss_bytes"] = runtime
+    out.update(peak_mem_bytes=peak - runtime, step_mem_bytes=peak - base, model_mem_bytes=base - runtime)
+    return {k: int(v) for k, v in out.items()}
+
+
+def _child_args(args: argparse.Namespace) -> list[str]:
+    out = ["--backbone", args.backbone, "--img", str(args.img), "--batch", str(args.batch)]
+    out += ["--device", args.device, "--threads", str(args.threads)]
+    out += ["--amp"] if args.amp else []
+    out += ["--channels-last"] if args.channels_last else []
+    return out + (["--backbone-only"] if args.backbone_only else [])
+
+
+def measure_memory(entry: Entry, args: argparse.Namespace) -> dict[str, int]:
+    cmd = [sys.executable, "-m", "benchmark.perf", "--memory-child", entry.label, *_child_args(args)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
+        env.pop(k, None)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"memory subprocess for {entry.label!r} failed (exit {done.returncode}):\n{tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- data pipeline
+
+
+def data_throughput(
+    img: int, n_images: int, data_dir: str | None, size_range: tuple[int, int], workdir: Path
+) -> dict[str, Any]:
+    """Images/s of one data-loader worker: load a training sample (files -> arrays) and apply the train transforms."""
+    import cv2
+
+    from benchmark.dataset import PascalMT
+    from benchmark.synth import make_synthetic_dataset
+    from benchmark.transforms import build_transforms
+
+    if data_dir is None:
+        root = make_synthetic_dataset(workdir / "data", n_train=n_images, n_val=1, seed=0, size_range=size_range)
+        source = f"generated PASCAL_MT layout, {n_images} images of {size_range[0]}-{size_range[1]} px"
+    else:
+        root = Path(data_dir)
+        source = str(root)
+    ds = PascalMT(root, "train", TASK_NAMES, transform=None, cache_dir=workdir / "cache")
+    n = min(n_images, len(ds))
+    if n == 0:
+        raise PerfError(f"--data {root}: the train split is empty")
+    tf = build_transforms(img, train=True, seed=0)
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)  # what a DataLoader worker gets; OpenCV likewise limited to its worker
+    cv2.setNumThreads(1)
+    try:
+        best: tuple[float, float] | None = None
+        for epoch in range(2):  # the first pass also warms the file cache; keep the faster
+            load = transform = 0.0
+            for i in range(n):
+                t0 = time.perf_counter()
+                raw = ds.load_raw(i)
+                t1 = time.perf_counter()
+                tf(raw, epoch=epoch, index=i)
+                t2 = time.perf_counter()
+                load, transform = load + t1 - t0, transform + t2 - t1
+            if best is None or load + transform < sum(best):
+                best = (load, transform)
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv_threads)
+    assert best is not None
+    load, transform = best
+    return {
+        "images": n,
+        "source": source,
+        "train_ips_per_worker": n / (load + transform),
+        "transform_ips_per_worker": n / transform,
+        "load_ms_per_image": 1e3 * load / n,
+        "transform_ms_per_image": 1e3 * transform / n,
+    }
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def machine(device: torch.device, threads: int) -> dict[str, Any]:
+    import peft
+    import timm
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    out: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure everything ``args`` asks for; returns the JSON-able result."""
+    from methods.base import merge_for_eval
+    from methods.lora_ops import record_forms
+
+    entries = parse_methods(args.methods)
+    labels = {e.label for e in entries}
+    for a, b in args.pair:
+        missing = [x for x in (a, b) if x not in labels]
+        if missing:
+            raise PerfError(f"--pair {a}:{b}: {missing} not among the measured methods {sorted(labels)}")
+    model_config(args.backbone, args.img)  # a bad size fails before anything runs
+    device = torch.device(args.device)
+    malloc_tuned = tune_malloc() if args.malloc_tuning and device.type == "cpu" else False
+    print(f"[perf] building {len(entries)} models ({args.backbone}, {args.img} px)", file=sys.stderr, flush=True)
+    benches = [
+        Bench(e, build_net(e, args.backbone, args.img), device, args.amp, args.compile, args.channels_last,
+              args.batch, args.img, args.backbone_only)  # fmt: skip
+        for e in entries
+    ]
+    results: dict[str, dict[str, Any]] = {}
+    for b in benches:
+        with record_forms() as forms:  # one untimed step: the LoRA forms used, and a first warm-up
+            b.train_step()
+        counts = count_parameters(b.net)
+        results[b.entry.label] = {
+            "method": b.entry.name,
+            "overrides": list(b.entry.overrides),
+            "form": b.entry.form,
+            "trainable_params": counts["trainable"],
+            "total_params": counts["total"],
+            "lora_forms": dict(sorted(forms.items())),
+        }
+    steps = interleaved(benches, Bench.train_step, args.steps, args.warmup, "train step")
+    merged_counts: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def merged(b: Bench) -> Iterator[None]:
+        with merge_for_eval(b.net) as n:
+            merged_counts[b.entry.label] = n
+            yield
+
+    fwd = interleaved(benches, Bench.forward, args.steps, 1, "forward (merged)", merged)
+    evl = {} if args.backbone_only else interleaved(benches, Bench.eval_step, args.steps, 1, "eval (merged)", merged)
+    raw = interleaved(benches, Bench.forward, args.steps, 1, "forward (unmerged)")
+    for b in benches:
+        r = results[b.entry.label]
+        r["step_s"] = _median(steps[b.entry.label])
+        r["step_s_samples"] = steps[b.entry.label]
+        r["forward_ips"] = args.batch / _median(fwd[b.entry.label])
+        r["forward_unmerged_ips"] = args.batch / _median(raw[b.entry.label])
+        if evl:
+            r["eval_ips"] = args.batch / _median(evl[b.entry.label])
+            r["eval_vs_forward"] = r["eval_ips"] / r["forward_ips"]
+            r["eval_s_samples"] = evl[b.entry.label]
+        r["forward_s_samples"] = fwd[b.entry.label]
+        r["forward_unmerged_s_samples"] = raw[b.entry.label]
+        r["merged_layers"] = merged_counts.get(b.entry.label, 0)
+    del benches  # free the models before the memory subprocesses run
+    if args.memory:
+        for e in entries:
+            print(f"[perf] memory: {e.label}", file=sys.stderr, flush=True)
+            results[e.label].update(measure_memory(e, args))
+    ref, full = results["reference"], results["full_ft"]
+    for r in results.values():
+        r["step_vs_reference"] = r["step_s"] / ref["step_s"]
+        r["step_vs_full_ft"] = r["step_s"] / full["step_s"]
+        if args.memory:
+            r["mem_vs_reference"] = r["peak_mem_bytes"] / ref["peak_mem_bytes"]
+            r["step_mem_vs_reference"] = r["step_mem_bytes"] / max(1, ref["step_mem_bytes"])
+    pairs = []
+    for a, b in args.pair:
+        p: dict[str, Any] = {"a": a, "b": b, "step_ratio": results[a]["step_s"] / results[b]["step_s"]}
+        if args.memory:
+            p["mem_ratio"] = results[a]["peak_mem_bytes"] / results[b]["peak_mem_bytes"]
+        pairs.append(p)
+    data = None
+    if args.data_images > 0:
+        print("[perf] data pipeline", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix="perf-data-") as tmp:
+            data = data_throughput(args.img, args.data_images, args.data, args.data_size, Path(tmp))
+    return {
+        "schema": SCHEMA,
+        "config": {
+            "backbone": args.backbone,
+            "img": args.img,
+            "batch": args.batch,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "device": args.device,
+            "amp": "bfloat16" if args.amp else None,
+            "compile": args.compile,
+            "channels_last": args.channels_last,
+            "backbone_only": args.backbone_only,
+            "malloc_tuned": malloc_tuned,
+            "command": "python -m benchmark.perf " + " ".join(args.argv),
+        },
+        "machine": machine(device, args.threads),
+        "methods": results,
+        "pairs": pairs,
+        "data": data,
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The result as a markdown table (plus pairs and the data pipeline line)."""
+    cfg, mach = result["config"], result["machine"]
+    where = mach.get("gpu") or f"{mach['cpu']}, {mach['torch_threads']} threads"
+    prec = cfg["amp"] or "fp32"
+    lines = [
+        f"{cfg['backbone']} at {cfg['img']}x{cfg['img']}, batch {cfg['batch']}, {prec}, {cfg['device']} ({where}), "
+        f"torch {mach['torch']}; medians of {cfg['steps']} rounds after {cfg['warmup']} warm-up, methods interleaved"
+        + (", torch.compile" if cfg["compile"] else "")
+        + (", channels-last" if cfg["channels_last"] else "")
+        + (", backbone only (no decoders: features -> mean-square loss)" if cfg["backbone_only"] else ""),
+        "",
+    ]
+    has_mem = all("peak_mem_bytes" in r for r in result["methods"].values())
+    head = ["method", "trainable", "step s", "x ref", "x full_ft", "fwd img/s", "eval img/s", "eval/fwd", "unmerged fwd"]
+    if has_mem:
+        head += ["peak MB", "x ref", "step MB", "x ref"]
+    head.append("LoRA forms")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in result["methods"].items():
+        row = [
+            f"`{label}`",
+            f"{r['trainable_params']:,}",
+            f"{r['step_s']:.3f}",
+            f"{r['step_vs_reference']:.2f}",
+            f"{r['step_vs_full_ft']:.2f}",
+            f"{r['forward_ips']:.2f}",
+            f"{r['eval_ips']:.2f}" if "eval_ips" in r else "-",
+            f"{r['eval_vs_forward']:.2f}" if "eval_vs_forward" in r else "-",
+            f"{r['forward_unmerged_ips']:.2f}",
+        ]
+        if has_mem:
+            row += [
+                f"{r['peak_mem_bytes'] / 2**20:.0f}",
+                f"{r['mem_vs_reference']:.2f}",
+                f"{r['step_mem_bytes'] / 2**20:.0f}",
+                f"{r['step_mem_vs_reference']:.2f}",
+            ]
+        row.append(", ".join(f"{k} {v}" for k, v in r["lora_forms"].items()) or "-")
+        lines.append("| " + " | ".join(row) + " |")
+    if result["pairs"]:
+        lines.append("")
+        for p in result["pairs"]:
+            mem = f", peak memory x{p['mem_ratio']:.2f}" if "mem_ratio" in p else ""
+            lines.append(f"- `{p['a']}` / `{p['b']}`: step x{p['step_ratio']:.2f}{mem}")
+    d = result.get("data")
+    if d:
+        lines += [
+            "",
+            f"Data pipeline (one worker, train transforms at {cfg['img']} px, {d['source']}): "
+            f"{d['train_ips_per_worker']:.1f} images/s (load {d['load_ms_per_image']:.1f} ms + transforms "
+            f"{d['transform_ms_per_image']:.1f} ms per image; transforms alone {d['transform_ips_per_worker']:.1f} "
+            "images/s)",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _pair(text: str) -> tuple[str, str]:
+    a, sep, b = text.partition(":")
+    if not sep or not a or not b:
+        raise argparse.ArgumentTypeError(f"expected A:B (two method entries), got {text!r}")
+    return a.strip(), b.strip()
+
+
+def _size_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI pixel sizes, got {text!r}") from None
+    if not 8 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 8 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmark.perf", description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default="full_ft,decoders_only,lora,mtlora", help="comma-separated method entries")
+    p.add_argument("--backbone", default="swin_tiny", choices=sorted(SWIN_VARIANTS))
+    p.add_argument("--img", type=_positive, default=448, help="image size (square)")
+    p.add_argument("--batch", type=_positive, default=2)
+    p.add_argument("--steps", type=_positive, default=5, help="timed rounds (medians over them)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed train rounds before the timed ones")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (meant for --device cuda)")
+    p.add_argument("--threads", type=_positive, default=2, help="torch.set_num_threads on the CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (off by default: docs/perf.md)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last models and input")
+    p.add_argument("--backbone-only", action="store_true", help="time the Swin alone (no decoders, no eval)")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
+    p.add_argument("--data-images", type=int, default=16, help="images for the data pipeline (0: skip it)")
+    p.add_argument("--data", default=None, help="a PASCAL_MT root for the data pipeline (default: generated)")
+    p.add_argument("--data-size", type=_size_range, default=(375, 500), help="generated image sizes LO,HI px")
+    p.add_argument("--pair", type=_pair, action="append", default=[], help="also report A's cost over B's (A:B)")
+    p.add_argument("--json", default=None, help="write the result here (atomically)")
+    p.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false", help=argparse.SUPPRESS)
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _write_json(path: str, result: dict[str, Any]) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise PerfError("--device cuda: no CUDA device is available")
+        if args.warmup < 0:
+            raise PerfError(f"--warmup must be >= 0, got {args.warmup}")
+        torch.set_num_threads(args.threads)
+        if args.memory_child is not None:
+            print(json.dumps(memory_child(parse_entry(args.memory_child), args)))
+            return 0
+        result = run(args)
+    except PerfError as e:
+        print(f"benchmark.perf: error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(result), end="")
+    if args.json:
+        _write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
