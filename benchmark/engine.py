@@ -16,6 +16,7 @@ MMEngine's ``Runner`` does the loop, hooks, logging, LR schedule, AMP and DDP wr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -436,6 +437,28 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- hooks
 
 
+class MergeForEvalHook(Hook):
+    """Validate with LoRA-family updates folded into the frozen weights (``methods.base.merge_for_eval``);
+    the exact weights are restored before anything else (checkpointing) sees the model again."""
+
+    priority = "HIGH"  # after_val_epoch: unmerge before BenchmarkHook (LOW) saves a checkpoint
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+        self._stack: contextlib.ExitStack | None = None
+
+    def before_val_epoch(self, runner: Runner) -> None:
+        from methods.base import merge_for_eval
+
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(merge_for_eval(self.net))
+
+    def after_val_epoch(self, runner: Runner, metrics: dict[str, float] | None = None) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+
 class BenchmarkHook(Hook):
     """Epoch seeding of the data, checkpoints, resume, validation history and timing."""
 
@@ -763,7 +786,7 @@ def train(s: EngineSetup) -> EngineOutcome:
         train_cfg=dict(by_epoch=True, max_epochs=s.epochs, val_interval=s.val_interval),
         optim_wrapper=optim_wrapper,
         param_scheduler=s.schedule.schedulers(optim_wrapper),
-        custom_hooks=[hook],
+        custom_hooks=[hook, MergeForEvalHook(s.net)],
         **kw,
     )
     t0 = time.perf_counter()
@@ -793,7 +816,7 @@ def evaluate(s: EngineSetup) -> EngineOutcome:
     """Evaluate the model as it is (weights already loaded) on the validation set."""
     model = EngineModel(s.net, s.loss_fn)
     kw = _runner_common(s, model)
-    runner = Runner(**kw)
+    runner = Runner(custom_hooks=[MergeForEvalHook(s.net)], **kw)
     t0 = time.perf_counter()
     try:
         flat = runner.val()
