@@ -109,7 +109,7 @@ def expand_grid(methods: Sequence[str], sets: Sequence[str], seeds: Sequence[int
     from methods.base import apply_overrides
 
     specs = [METHODS.get(m) for m in dict.fromkeys(methods)]
-    fields = {spec.name: [f for f, _, _ in spec.fields()] for spec in specs}
+    fields = {spec.name: spec.set_names() for spec in specs}
     parsed = parse_sets(sets)
     for key, alts in parsed:
         if any(key in names for names in fields.values()):

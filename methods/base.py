@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,7 +25,13 @@ from benchmark.registry import Registry
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Base class of every method config: plain types and tuples only, so ``asdict`` is JSON."""
+    """Base class of every method config: plain types and tuples only, so ``asdict`` is JSON.
+
+    ``ALIASES`` maps extra ``--set`` names onto fields (e.g. MTLoRA's ``rank`` -> ``shared_rank``), so one
+    sweep key can reach the same idea in several methods.
+    """
+
+    ALIASES: ClassVar[dict[str, str]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -61,6 +67,10 @@ class MethodSpec:
 
     def default_config(self) -> MethodConfig:
         return self.config_cls()
+
+    def set_names(self) -> list[str]:
+        """Every name ``--set`` accepts for this method: its fields and their aliases."""
+        return [f.name for f in dataclasses.fields(self.config_cls)] + sorted(self.config_cls.ALIASES)
 
     def fields(self) -> list[tuple[str, str, Any]]:
         hints = typing.get_type_hints(self.config_cls)
@@ -265,7 +275,7 @@ def apply_overrides(cfg: MethodConfig, overrides: Sequence[str]) -> MethodConfig
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value")
         key, text = item.split("=", 1)
-        key = key.strip()
+        key = type(cfg).ALIASES.get(key.strip(), key.strip())
         if key not in names:
             near = difflib.get_close_matches(key, names, n=3)
             hint = f" did you mean {', '.join(near)}?" if near else ""
@@ -273,7 +283,13 @@ def apply_overrides(cfg: MethodConfig, overrides: Sequence[str]) -> MethodConfig
                 f"--set {key}: unknown config field for {type(cfg).__name__};{hint} valid fields: {', '.join(names) or '(none)'}"
             )
         try:
-            changes[key] = parse_value(hints[key], text, key)
+            current = getattr(cfg, key)
+            numeric = isinstance(current, tuple) and current and all(isinstance(v, (int, float)) for v in current)
+            if numeric and text.strip()[:1] not in "[(":
+                # a single value for a per-stage tuple applies to every entry: rank=64 -> (64, 64, 64, 64)
+                changes[key] = parse_value(hints[key], f"[{','.join([text] * len(current))}]", key)
+            else:
+                changes[key] = parse_value(hints[key], text, key)
         except (TypeError, ValueError) as e:
             raise ValueError(f"--set {item}: {e} (field type {_type_name(hints[key])})") from None
     return dataclasses.replace(cfg, **changes)

@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,8 @@ PATCH_MERGING_MODES = ("full", "lora", "frozen")
 @dataclass(frozen=True)
 class MTLoRAConfig(MethodConfig):
     """MTLoRA hyper-parameters. Defaults: the paper's headline row (shared r=64, task r=4, scale 4)."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"rank": "shared_rank"}  # --set rank=16 -> shared_rank=(16, 16, 16, 16)
 
     shared_rank: tuple[int, ...] = (64, 64, 64, 64)  # task-agnostic LoRA rank, one per Swin stage
     task_rank: int = 4  # rank of every task-specific LoRA ...

@@ -86,3 +86,18 @@ def test_every_config_field_is_settable_from_text(name: str) -> None:
         )
         assert apply_overrides(cfg, [f"{field}={text}"]) == cfg, field
     assert spec.paper and spec.description
+
+
+def test_alias_and_single_value_for_a_per_stage_tuple():
+    from methods import METHODS
+    from methods.base import apply_overrides
+
+    mt = METHODS.get("mtlora")
+    assert apply_overrides(mt.default_config(), ["rank=16"]).shared_rank == (16, 16, 16, 16)
+    assert apply_overrides(mt.default_config(), ["shared_rank=[16,16,32,64]"]).shared_rank == (16, 16, 32, 64)
+    assert "rank" in mt.set_names() and "rank" not in mt.default_config().to_dict()
+    # string tuples are never broadcast
+    lora = METHODS.get("lora")
+    assert apply_overrides(lora.default_config(), ['targets=["qkv"]']).targets == ("qkv",)
+    with pytest.raises(ValueError, match="targets"):
+        apply_overrides(lora.default_config(), ["targets=qkv"])
