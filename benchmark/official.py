@@ -137,7 +137,7 @@ def load_checkpoint_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=stub)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({e})") from None
+        raise CheckpointError(f"checkpoint {path}: cannot be read (truncated or corrupt?): {e}") from None
 
 
 def _state_dict_of(obj: Any, source: str) -> dict[str, Tensor]:

@@ -372,7 +372,7 @@ def test_eval_only_with_a_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
     bad.write_bytes(b"\x80\x02garbage")
     code, err = cli(capsys, "--method", "full_ft", "--preset", "tiny", "--eval-only", "--checkpoint", str(bad),
                     "--work-dir", str(tmp_path / "wd"))  # fmt: skip
-    assert code == 2 and f"{bad}: cannot read checkpoint (truncated or corrupt?)" in err
+    assert code == 2 and f"checkpoint {bad}: cannot be read (truncated or corrupt?)" in err
     assert "weights_only` set to `False`" not in err  # never advise unpickling an untrusted file
     assert not (tmp_path / "wd" / "result.json").exists()
 
