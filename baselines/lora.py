@@ -74,9 +74,16 @@ class FastLoraLinear(PeftLoraLinear):
         drop = self.lora_dropout[a]
         p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
         return lora_linear(
-            x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], p,
-            drop.training, self.form,
-        )  # fmt: skip
+            x,
+            base.weight,
+            base.bias,
+            self.lora_A[a].weight,
+            self.lora_B[a].weight,
+            self.scaling[a],
+            p,
+            drop.training,
+            self.form,
+        )
 
 
 def set_lora_form(module: nn.Module, form: str) -> int:

@@ -4,7 +4,8 @@
 
 A method entry is a registered method name, optionally with config overrides in brackets, e.g.
 ``lora[rank=64,alpha=64,dropout=0]`` or ``mtlora[shared_rank=[16,16,16,16]]``; ``_form=NAME`` in the brackets
-forces one LoRA form (``methods.lora_ops.FORMS``) on the method's LoRA layers. Two entries are internal to this
+forces one LoRA form (``methods.lora_ops.FORMS``) on the method's LoRA layers and ``_checkpoint=1`` turns on
+MTLoRA's activation checkpointing. Two entries are internal to this
 tool: ``reference`` (see below) and ``peft_lora_reference[...]``, the ``lora`` config injected with peft's own
 LoRA layers, the anchor the fast ``lora`` layers are compared with. ``reference`` and ``full_ft`` are always
 measured: every step time is also given as a ratio to them.
@@ -17,14 +18,21 @@ the order rotating), warm-up rounds dropped, medians over the remaining rounds:
 - the reference step: the model with a frozen backbone and trained decoders, backward through the backbone's
   activations (the input image requires a gradient) but no backbone weight gradients: the cost floor of any
   adapter method;
+- the FLOPs of one train step (matrix products and convolutions, forward and backward, counted by
+  ``torch.utils.flop_counter`` in an untimed step): the arithmetic a method cannot avoid, so that a time ratio
+  can be read against its FLOP ratio;
 - evaluation images/s (eval mode, no gradients, forward + the protocol's meters' ``stats``) and forward-only
   images/s, both with LoRA-family updates merged into the weights (``methods.base.merge_for_eval``), plus the
   unmerged forward;
-- peak memory, each method in a fresh subprocess (two train steps): CUDA max allocated on a GPU, peak resident
-  set size on the CPU (which includes the Python/torch runtime; ``step_mem_bytes`` is the peak minus the memory
-  held after building the model);
+- peak memory, each method in a fresh subprocess (two train steps): CUDA max allocated on a GPU; on the CPU the
+  peak resident set size above the bare runtime's (``peak_mem_bytes``: weights, optimiser state, gradients,
+  activations and what malloc keeps cached) and, beside it, the peak of live tensor bytes over a third step from
+  the profiler's memory timeline (``tensor_peak_bytes``, the CPU analog of CUDA's max allocated);
 - the data pipeline: images/s of one worker (1 torch and 1 OpenCV thread) loading and transforming training
   samples at the image size (a generated dataset in the PASCAL_MT layout unless ``--data`` names one).
+
+``--backbone-only`` times the Swin alone (its features into a mean-square loss; no decoders, no evaluation), the
+setting of the issue's reference figures on a plain timm Swin-T.
 
 On Linux the timing process asks glibc malloc to keep freed memory (``mallopt``) so that large activations are
 not returned to and faulted back from the kernel at every step (what CUDA's caching allocator does on a GPU);
@@ -80,6 +88,7 @@ class Entry:
     name: str  # registered method name, or one of INTERNAL
     overrides: tuple[str, ...] = ()  # key=value config overrides
     form: str | None = None  # forced LoRA form (the _form pseudo-override)
+    checkpoint: bool = False  # MTLoRA's activation checkpointing (the _checkpoint pseudo-override)
 
 
 def split_top(text: str, sep: str = ",") -> list[str]:
@@ -115,13 +124,18 @@ def parse_entry(text: str) -> Entry:
         overrides = split_top(inner)
     if ":" in text:
         raise PerfError(f"method entry {text!r}: ':' is reserved for --pair")
-    form = None
+    form, ckpt = None, False
     rest = []
     for o in overrides:
         if o.startswith("_form="):
             form = o.split("=", 1)[1]
             if form not in FORMS:
                 raise PerfError(f"method entry {text!r}: _form={form!r} is not one of {list(FORMS)}")
+        elif o.startswith("_checkpoint="):
+            value = o.split("=", 1)[1].lower()
+            if value not in ("0", "1", "true", "false"):
+                raise PerfError(f"method entry {text!r}: _checkpoint takes 0/1, got {value!r}")
+            ckpt = value in ("1", "true")
         else:
             rest.append(o)
     if name not in INTERNAL:
@@ -129,7 +143,7 @@ def parse_entry(text: str) -> Entry:
             METHODS.get(name)
         except KeyError as e:
             raise PerfError(f"method entry {text!r}: {e.args[0]}") from None
-    entry = Entry(text, name, tuple(rest), form)
+    entry = Entry(text, name, tuple(rest), form, ckpt)
     method_config(entry)  # bad overrides fail here, before anything runs
     return entry
 
@@ -188,14 +202,15 @@ def build_net(entry: Entry, backbone: str, img: int) -> nn.Module:
             net = METHODS.get("decoders_only" if entry.name == "reference" else entry.name).apply(model, method_cfg)
     except ValueError as e:
         raise PerfError(f"method entry {entry.label!r}: {e}") from None
-    if entry.form is not None:
-        n = 0
-        for m in net.modules():
-            if hasattr(m, "form"):
-                m.form = entry.form
-                n += 1
-        if not n:
-            raise PerfError(f"method entry {entry.label!r}: _form given but the method has no LoRA layers")
+    for attr, value in (("form", entry.form), ("checkpoint", entry.checkpoint or None)):
+        if value is None:
+            continue
+        found = [m for m in net.modules() if hasattr(m, attr)]
+        if not found:
+            what = "LoRA layers" if attr == "form" else "checkpointing backbone (MTLoRA)"
+            raise PerfError(f"method entry {entry.label!r}: _{attr} given but the method has no {what}")
+        for m in found:
+            setattr(m, attr, value)
     return net
 
 
@@ -295,6 +310,18 @@ class Bench:
             m.stats(out[t].float(), self.targets[t])
 
 
+def train_step_flops(bench: Bench) -> int:
+    """Floating-point operations of one train step of ``bench``: the matrix products and convolutions (forward
+    and backward, ``torch.utils.flop_counter``; element-wise work is not counted). The arithmetic floor of the
+    step: a time ratio well above the FLOP ratio points at overhead, one near it at the method's own arithmetic."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        bench.train_step()
+    return int(counter.get_total_flops())
+
+
 def _features(out: Any) -> list[Tensor]:
     """The stage features of a backbone output: a list, or {task: list} with per-task streams (MTLoRA)."""
     if isinstance(out, dict):
@@ -376,13 +403,29 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
-def memory_child(entry: Entry, args: argparse.Namespace) -> dict[str, int]:
-    """Run in a fresh process: build the method, take two train steps, report the peak memory.
+def _allocation_peak(step: Callable[[], Any]) -> int | None:
+    """Peak bytes of live CPU tensors while ``step`` runs, from the profiler's memory timeline (tensors alive
+    before it included): the CPU analog of CUDA's max allocated, blind to malloc's caching. None if the
+    (private) timeline API is unavailable."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-    CUDA: ``peak_mem_bytes`` = max allocated. CPU: the peak RSS over building and stepping minus the RSS of
-    the bare runtime before building (torch alone holds ~0.7 GB), i.e. the same quantity: weights, optimiser
-    state, gradients and activations; ``peak_rss_bytes`` is the raw process peak. ``step_mem_bytes`` is the
-    peak minus what the built model holds before its first step.
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+            step()
+        _, sizes = MemoryProfileTimeline(p._memory_profile())._coalesce_timeline("cpu")
+        return int(max(sum(s) for s in sizes))
+    except Exception:  # the timeline is a private API: degrade to the RSS figures
+        return None
+
+
+def memory_child(entry: Entry, args: argparse.Namespace) -> dict[str, int]:
+    """Run in a fresh process: build the method, take two train steps (a third on the CPU), report peak memory.
+
+    CUDA: ``peak_mem_bytes`` = max allocated. CPU: ``peak_mem_bytes`` = peak RSS over building and two steps
+    minus the RSS of the bare runtime (torch alone holds ~0.7 GB): weights, optimiser state, gradients,
+    activations and what malloc keeps cached; ``peak_rss_bytes`` is the raw process peak; ``tensor_peak_bytes``
+    = the peak of live tensor bytes during a third, profiled step (:func:`_allocation_peak`), blind to malloc.
     """
     import benchmark.metrics  # noqa: F401  (everything the steps import, loaded before the baseline)
     import methods  # noqa: F401
@@ -396,19 +439,30 @@ def memory_child(entry: Entry, args: argparse.Namespace) -> dict[str, int]:
         runtime = _rss_bytes()
         if not _reset_peak_rss():
             raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs); CPU memory needs Linux")
-    bench = Bench(entry, build_net(entry, args.backbone, args.img), device, args.amp, False, args.channels_last,
-                  args.batch, args.img, args.backbone_only)  # fmt: skip
-    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss_bytes()
+    bench = Bench(
+        entry,
+        build_net(entry, args.backbone, args.img),
+        device,
+        args.amp,
+        False,
+        args.channels_last,
+        args.batch,
+        args.img,
+        args.backbone_only,
+    )
+    built = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss_bytes()
     for _ in range(2):  # the second step holds the optimiser state too
         bench.train_step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
+        out["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device) - runtime
     else:
-        peak = _peak_rss_bytes()
-        out["peak_rss_bytes"] = peak
-        out["runtime_rss_bytes"] = runtime
-    out.update(peak_mem_bytes=peak - runtime, step_mem_bytes=peak - base, model_mem_bytes=base - runtime)
+        peak_rss = _peak_rss_bytes()  # read before the profiled step, whose bookkeeping would count
+        out.update(peak_rss_bytes=peak_rss, runtime_rss_bytes=runtime, peak_mem_bytes=peak_rss - runtime)
+        alloc = _allocation_peak(bench.train_step)  # a third, profiled step
+        if alloc is not None:
+            out["tensor_peak_bytes"] = alloc
+    out["model_mem_bytes"] = built - runtime
     return {k: int(v) for k, v in out.items()}
 
 
@@ -534,14 +588,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     malloc_tuned = tune_malloc() if args.malloc_tuning and device.type == "cpu" else False
     print(f"[perf] building {len(entries)} models ({args.backbone}, {args.img} px)", file=sys.stderr, flush=True)
     benches = [
-        Bench(e, build_net(e, args.backbone, args.img), device, args.amp, args.compile, args.channels_last,
-              args.batch, args.img, args.backbone_only)  # fmt: skip
+        Bench(
+            e,
+            build_net(e, args.backbone, args.img),
+            device,
+            args.amp,
+            args.compile,
+            args.channels_last,
+            args.batch,
+            args.img,
+            args.backbone_only,
+        )
         for e in entries
     ]
     results: dict[str, dict[str, Any]] = {}
     for b in benches:
         with record_forms() as forms:  # one untimed step: the LoRA forms used, and a first warm-up
             b.train_step()
+        flops = train_step_flops(b)  # a second untimed step, counted
         counts = count_parameters(b.net)
         results[b.entry.label] = {
             "method": b.entry.name,
@@ -550,6 +614,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "trainable_params": counts["trainable"],
             "total_params": counts["total"],
             "lora_forms": dict(sorted(forms.items())),
+            "step_flops": flops,
         }
     steps = interleaved(benches, Bench.train_step, args.steps, args.warmup, "train step")
     merged_counts: dict[str, int] = {}
@@ -585,9 +650,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for r in results.values():
         r["step_vs_reference"] = r["step_s"] / ref["step_s"]
         r["step_vs_full_ft"] = r["step_s"] / full["step_s"]
+        r["flops_vs_full_ft"] = r["step_flops"] / full["step_flops"]
         if args.memory:
             r["mem_vs_reference"] = r["peak_mem_bytes"] / ref["peak_mem_bytes"]
-            r["step_mem_vs_reference"] = r["step_mem_bytes"] / max(1, ref["step_mem_bytes"])
+            if "tensor_peak_bytes" in r and "tensor_peak_bytes" in ref:
+                r["tensor_peak_vs_reference"] = r["tensor_peak_bytes"] / ref["tensor_peak_bytes"]
     pairs = []
     for a, b in args.pair:
         p: dict[str, Any] = {"a": a, "b": b, "step_ratio": results[a]["step_s"] / results[b]["step_s"]}
@@ -639,9 +706,22 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     has_mem = all("peak_mem_bytes" in r for r in result["methods"].values())
-    head = ["method", "trainable", "step s", "x ref", "x full_ft", "fwd img/s", "eval img/s", "eval/fwd", "unmerged fwd"]
+    has_tensor = has_mem and all("tensor_peak_vs_reference" in r for r in result["methods"].values())
+    head = [
+        "method",
+        "trainable",
+        "step s",
+        "x ref",
+        "x full_ft",
+        "GFLOP",
+        "FLOP x full_ft",
+        "fwd img/s",
+        "eval img/s",
+        "eval/fwd",
+        "unmerged fwd",
+    ]
     if has_mem:
-        head += ["peak MB", "x ref", "step MB", "x ref"]
+        head += ["peak MB", "x ref"] + (["tensor peak MB", "x ref"] if has_tensor else [])
     head.append("LoRA forms")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in result["methods"].items():
@@ -651,18 +731,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['step_s']:.3f}",
             f"{r['step_vs_reference']:.2f}",
             f"{r['step_vs_full_ft']:.2f}",
+            f"{r['step_flops'] / 1e9:.1f}",
+            f"{r['flops_vs_full_ft']:.2f}",
             f"{r['forward_ips']:.2f}",
             f"{r['eval_ips']:.2f}" if "eval_ips" in r else "-",
             f"{r['eval_vs_forward']:.2f}" if "eval_vs_forward" in r else "-",
             f"{r['forward_unmerged_ips']:.2f}",
         ]
         if has_mem:
-            row += [
-                f"{r['peak_mem_bytes'] / 2**20:.0f}",
-                f"{r['mem_vs_reference']:.2f}",
-                f"{r['step_mem_bytes'] / 2**20:.0f}",
-                f"{r['step_mem_vs_reference']:.2f}",
-            ]
+            row += [f"{r['peak_mem_bytes'] / 2**20:.0f}", f"{r['mem_vs_reference']:.2f}"]
+        if has_tensor:
+            row += [f"{r['tensor_peak_bytes'] / 2**20:.0f}", f"{r['tensor_peak_vs_reference']:.2f}"]
         row.append(", ".join(f"{k} {v}" for k, v in r["lora_forms"].items()) or "-")
         lines.append("| " + " | ".join(row) + " |")
     if result["pairs"]:
@@ -752,6 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    threads = torch.get_num_threads()
     try:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise PerfError("--device cuda: no CUDA device is available")
@@ -765,6 +845,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PerfError as e:
         print(f"benchmark.perf: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)  # called in-process (tests), leave the caller's setting as it was
     print(markdown(result), end="")
     if args.json:
         _write_json(args.json, result)

@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         problems += compare(name, data["methods"][name], run_reference(name))
     for line in problems:
         print(f"FAIL  {line}")
-    print(f"{len(names) - len({x.split(':')[0] for x in problems})} passed, {len({x.split(':')[0] for x in problems})} failed")
+    print(
+        f"{len(names) - len({x.split(':')[0] for x in problems})} passed, {len({x.split(':')[0] for x in problems})} failed"
+    )
     return 1 if problems else 0
 
 

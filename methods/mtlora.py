@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import DropPath
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor, nn
@@ -230,9 +231,17 @@ class MTLoRALinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         # the cheapest exact form for this width, rank and token count (methods.lora_ops)
         return lora_linear(
-            x, self.weight, self.bias, self.lora_shared_A, self.lora_shared_B, self.shared_scale, self.dropout_p,
-            self.training, self.form, fast_dropout,
-        )  # fmt: skip
+            x,
+            self.weight,
+            self.bias,
+            self.lora_shared_A,
+            self.lora_shared_B,
+            self.shared_scale,
+            self.dropout_p,
+            self.training,
+            self.form,
+            fast_dropout,
+        )
 
     def stacked_task_factors(self) -> tuple[Tensor, Tensor]:
         """Task LoRA factors stacked: A [T, r, in], B [T, out, r] (smaller ranks zero-padded, which adds exact zeros)."""
@@ -595,10 +604,18 @@ class MTLoRABackbone(nn.Module):
         self.tasks = tuple(tasks)
         self.task_blocks = [set(b) for b in task_blocks]
         self.batched = True  # False: per-task reference loop (identical results, slower)
+        # True: recompute each block's activations in backward (torch.utils.checkpoint) instead of keeping them;
+        # the same values and gradients (random draws are replayed), a fraction of the memory, ~1/3 more compute
+        self.checkpoint = False
 
     @property
     def layers(self) -> nn.Module:
         return self.swin.layers
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def forward_stages(self, image: Tensor) -> tuple[Tensor, list[StageOutput]]:
         """Patch-embedding tokens [B, H, W, C] and every stage's shared and task streams."""
@@ -611,15 +628,15 @@ class MTLoRABackbone(nn.Module):
             last = len(layer.blocks) - 1
             for j, blk in enumerate(layer.blocks):
                 if j == last and j in self.task_blocks[i]:
-                    x, tasks = _task_block_forward(blk, x, self.batched)
+                    x, tasks = self._run(_task_block_forward, blk, x, self.batched)
                 else:
                     # a non-last block's task outputs are discarded by the official stage loop, so skip them
-                    x = blk(x)
+                    x = self._run(blk, x)
             if i + 1 < len(layers):
                 merge = layers[i + 1].downsample  # official: the merging ends stage i
                 x = merge(x)
                 if tasks is not None:
-                    tasks = _per_task(merge, tasks, self.batched)
+                    tasks = self._run(_per_task, merge, tasks, self.batched)
             stages.append(StageOutput(x, tasks))
         return patch_tokens, stages
 

@@ -47,6 +47,31 @@ def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
 # --------------------------------------------------------------------------- the perf tool
 
 
+def test_step_flops_of_full_ft_exceed_the_reference_by_the_backbone_weight_gradients() -> None:
+    # full_ft computes every backbone weight gradient (as many FLOPs as the layer's forward product); the
+    # reference computes none but, its image requiring a gradient, the patch embedding's input gradient, which
+    # costs what that convolution's weight gradient does. So the difference is the forward FLOPs of the
+    # backbone's linears, counted here from their shapes.
+    linear_flops = 0
+
+    def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal linear_flops
+        linear_flops += 2 * out.numel() * module.in_features
+
+    flops = {}
+    for name in ("full_ft", "reference"):
+        entry = perf.parse_entry(name)
+        bench = perf.Bench(entry, perf.build_net(entry, "swin_micro", 64), torch.device("cpu"), batch=2, img=64)
+        if name == "full_ft":
+            hooks = [m.register_forward_hook(count) for m in bench.net.backbone.modules() if isinstance(m, nn.Linear)]
+            bench.forward()  # the same products as the train step's forward
+            for h in hooks:
+                h.remove()
+        flops[name] = perf.train_step_flops(bench)
+    assert linear_flops > 0
+    assert flops["full_ft"] - flops["reference"] == linear_flops
+
+
 def test_perf_runs_two_steps_and_writes_json_and_markdown(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "perf.json"
     argv = ["--methods", "lora,mtlora[shared_rank=[4,4,4,4]]", "--backbone", "swin_micro", "--img", "64"]
@@ -60,7 +85,7 @@ def test_perf_runs_two_steps_and_writes_json_and_markdown(tmp_path: Path, capsys
     for label in labels:
         r = result["methods"][label]
         assert len(r["step_s_samples"]) == 2 and r["step_s"] > 0
-        for key in ("forward_ips", "eval_ips", "forward_unmerged_ips", "peak_mem_bytes", "step_mem_bytes"):
+        for key in ("forward_ips", "eval_ips", "forward_unmerged_ips", "peak_mem_bytes", "tensor_peak_bytes"):
             assert r[key] > 0, (label, key)
         assert r["trainable_params"] > 0
         assert math.isclose(r["step_vs_reference"], r["step_s"] / result["methods"]["reference"]["step_s"])
@@ -72,7 +97,11 @@ def test_perf_runs_two_steps_and_writes_json_and_markdown(tmp_path: Path, capsys
     assert result["pairs"][0]["step_ratio"] > 0 and result["pairs"][0]["mem_ratio"] > 0
     assert result["data"]["train_ips_per_worker"] > 0 and result["data"]["images"] == 2
     assert result["config"]["img"] == 64 and result["machine"]["torch"] == torch.__version__
-    assert "| method | trainable | step s | x ref | x full_ft |" in text and "Data pipeline" in text
+    assert "| method | trainable | step s | x ref | x full_ft | GFLOP | FLOP x full_ft |" in text
+    assert "Data pipeline" in text
+    for label in labels:
+        r = result["methods"][label]
+        assert math.isclose(r["flops_vs_full_ft"], r["step_flops"] / result["methods"]["full_ft"]["step_flops"])
 
 
 @pytest.mark.parametrize(
@@ -158,9 +187,11 @@ def test_fast_lora_layer_equals_peft_without_dropout(form: str) -> None:
         y_ref, g_ref = _out_and_grads(ref, x)
         y_fast, g_fast = _out_and_grads(fast, x)
         _close(y_fast, y_ref)
-        assert g_ref.keys() == g_fast.keys() and {"fc1.lora_A.default.weight", "fc1.lora_B.default.weight", "x"} <= set(
-            g_ref
-        )
+        assert g_ref.keys() == g_fast.keys() and {
+            "fc1.lora_A.default.weight",
+            "fc1.lora_B.default.weight",
+            "x",
+        } <= set(g_ref)
         for n in g_ref:
             _close(g_fast[n], g_ref[n])
         ref.zero_grad()
@@ -176,9 +207,18 @@ def test_fast_lora_layer_with_dropout_equals_peft_with_the_same_mask() -> None:
     lin = fast.fc1
     xr = x.clone().requires_grad_(True)
     torch.manual_seed(7)
-    y = lora_linear(xr, lin.base_layer.weight, lin.base_layer.bias, lin.lora_A["default"].weight,
-                    lin.lora_B["default"].weight, lin.scaling["default"], 0.3, True, "factored",
-                    dropout=F.dropout)  # fmt: skip
+    y = lora_linear(
+        xr,
+        lin.base_layer.weight,
+        lin.base_layer.bias,
+        lin.lora_A["default"].weight,
+        lin.lora_B["default"].weight,
+        lin.scaling["default"],
+        0.3,
+        True,
+        "factored",
+        dropout=F.dropout,
+    )
     y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
     _close(y.detach(), y_ref)
     _close(xr.grad, g_ref["x"])
@@ -186,8 +226,17 @@ def test_fast_lora_layer_with_dropout_equals_peft_with_the_same_mask() -> None:
     _close(lin.lora_B["default"].weight.grad, g_ref["fc1.lora_B.default.weight"])
     for form in ("materialised", "hybrid"):
         with pytest.raises(ValueError, match="not exact with dropout"):
-            lora_linear(x, lin.base_layer.weight, None, lin.lora_A["default"].weight,
-                        lin.lora_B["default"].weight, 1.0, 0.3, True, form)  # fmt: skip
+            lora_linear(
+                x,
+                lin.base_layer.weight,
+                None,
+                lin.lora_A["default"].weight,
+                lin.lora_B["default"].weight,
+                1.0,
+                0.3,
+                True,
+                form,
+            )
     with record_forms() as forms:  # the layer itself picks the factored form while dropout is active
         fast.train()(x)
         fast.eval()(x)
@@ -239,7 +288,10 @@ def test_lora_model_equals_peft_injection() -> None:
 def test_form_choice_follows_the_cost_of_the_layer() -> None:
     # Swin-T at 448, rank 64: the narrow first stage materialises, the wide last stage stays low rank
     assert choose_form(2 * 112 * 112, 96, 288, 64, dropout=False, train=True, input_grad=True) == "materialised"
-    assert choose_form(2 * 14 * 14, 768, 3072, 64, dropout=False, train=True, input_grad=True) in ("hybrid", "factored")
+    assert choose_form(2 * 14 * 14, 768, 3072, 64, dropout=False, train=True, input_grad=True) in (
+        "hybrid",
+        "factored",
+    )
     assert choose_form(2 * 14 * 14, 768, 3072, 64, dropout=True, train=True, input_grad=True) == "factored"
     assert choose_form(25088, 96, 288, 64, dropout=False, train=False, input_grad=False) == "materialised"
 
@@ -283,8 +335,9 @@ def test_drop_positions_are_sorted_unique_in_range() -> None:
 
 def test_mtlora_layer_batched_equals_reference_with_dropout_and_grads() -> None:
     torch.manual_seed(0)
-    lin = MTLoRALinear(nn.Linear(12, 10), shared_rank=6, task_ranks={"a": 2, "b": 3}, task_scales={"b": 2.5},
-                       dropout=0.1).train()  # fmt: skip
+    lin = MTLoRALinear(
+        nn.Linear(12, 10), shared_rank=6, task_ranks={"a": 2, "b": 3}, task_scales={"b": 2.5}, dropout=0.1
+    ).train()
     _randomize(lin)
     x = torch.randn(4, 5, 12)
     u = torch.randn(2, 4, 5, 12)
@@ -296,8 +349,14 @@ def test_mtlora_layer_batched_equals_reference_with_dropout_and_grads() -> None:
             torch.manual_seed(11)  # the same dropout mask in both paths
             s, t = lin.forward_tasks(xi, x_tasks, batched=batched)
             (s.square().sum() + (t * torch.linspace(-1, 1, t.numel()).view_as(t)).sum()).backward()
-            results.append((s.detach(), t.detach(), xi.grad, {n: p.grad.clone() for n, p in lin.named_parameters()
-                                                              if p.grad is not None}))  # fmt: skip
+            results.append(
+                (
+                    s.detach(),
+                    t.detach(),
+                    xi.grad,
+                    {n: p.grad.clone() for n, p in lin.named_parameters() if p.grad is not None},
+                )
+            )
         (s1, t1, gx1, g1), (s2, t2, gx2, g2) = results
         _close(s1, s2)
         _close(t1, t2)
@@ -322,7 +381,10 @@ def test_mtlora_shared_forms_agree(form: str) -> None:
     _close(y.detach(), want)
     y.sum().backward()
     xr = x.clone().requires_grad_(True)
-    a, b = lin.lora_shared_A.detach().clone().requires_grad_(True), lin.lora_shared_B.detach().clone().requires_grad_(True)
+    a, b = (
+        lin.lora_shared_A.detach().clone().requires_grad_(True),
+        lin.lora_shared_B.detach().clone().requires_grad_(True),
+    )
     (xr @ lin.weight.T + 4.0 * (xr @ a.T @ b.T)).sum().backward()
     _close(xi.grad, xr.grad)
     _close(lin.lora_shared_A.grad, a.grad)
@@ -333,8 +395,10 @@ def test_mtlora_shared_forms_agree(form: str) -> None:
 # --------------------------------------------------------------------------- merged evaluation
 
 
-@pytest.mark.parametrize("name, overrides", [("lora", ()), ("mtlora", ()), ("mtlora_plus", ()), ("dora", ()),
-                                             ("ia3", ()), ("oft", ()), ("full_ft", ())])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, overrides",
+    [("lora", ()), ("mtlora", ()), ("mtlora_plus", ()), ("dora", ()), ("ia3", ()), ("oft", ()), ("full_ft", ())],
+)
 def test_merge_for_eval_matches_unmerged_and_restores_weights(name: str, overrides: tuple[str, ...]) -> None:
     spec = METHODS.get(name)
     net = spec.apply(_model(), apply_overrides(spec.default_config(), overrides))
@@ -357,3 +421,25 @@ def test_merge_for_eval_matches_unmerged_and_restores_weights(name: str, overrid
         assert torch.equal(again[t], want[t]), t
     for k, v in net.state_dict().items():
         assert torch.equal(v, state[k]), k  # weights restored bit for bit
+
+
+def test_mtlora_checkpointing_gives_the_same_outputs_and_gradients() -> None:
+    spec = METHODS.get("mtlora")
+    base = spec.apply(_model(), apply_overrides(spec.default_config(), ["shared_rank=[4,4,4,4]"]))  # dropout 0.05
+    _randomize(base, std=0.05)
+    image = torch.randn(2, 3, 64, 64)
+    results = []
+    for ckpt in (False, True):
+        net = copy.deepcopy(base).train()
+        net.backbone.checkpoint = ckpt
+        torch.manual_seed(4)  # dropout and drop-path draws are replayed by the recomputation
+        out = net(image)
+        sum(o.square().mean() for o in out.values()).backward()
+        results.append((out, {n: p.grad for n, p in net.named_parameters() if p.grad is not None}))
+    (out0, g0), (out1, g1) = results
+    for t in TASKS:
+        _close(out1[t], out0[t])
+    assert g0.keys() == g1.keys()
+    floor = 1e-6 * max(float(g.abs().max()) for g in g0.values())
+    for n in g0:
+        assert float((g1[n] - g0[n]).abs().max()) <= 1e-5 * float(g0[n].abs().max()) + floor, n

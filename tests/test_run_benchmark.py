@@ -99,8 +99,22 @@ def test_eval_only_with_two_processes_equals_one(trained, tmp_path):
     two = tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
     q = subprocess.run(
-        [*torchrun, "-m", "benchmark.cli", "--method", "full_ft", "--preset", "tiny", "--eval-only",
-         "--checkpoint", str(ckpt), "--data", str(data), "--work-dir", str(two)],  # fmt: skip
+        [
+            *torchrun,
+            "-m",
+            "benchmark.cli",
+            "--method",
+            "full_ft",
+            "--preset",
+            "tiny",
+            "--eval-only",
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(data),
+            "--work-dir",
+            str(two),
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         env=ENV,
