@@ -327,7 +327,7 @@ def human_parts_map(objects: Sequence[PartObject], shape: tuple[int, int]) -> tu
         for name, mask in obj.parts:
             if mask.shape != target.shape:
                 raise ValueError(f"part mask {list(mask.shape)} differs from the first person's {list(target.shape)}")
-            target[mask.astype(bool)] = HUMAN_PART_GROUPS.get(name, 0)
+            np.copyto(target, HUMAN_PART_GROUPS.get(name, 0), where=mask.astype(bool))  # = target[mask] = group
     if target is None:
         return np.zeros(shape, np.uint8), shape
     return target, target.shape
@@ -401,6 +401,32 @@ def semseg_path(root: Path, image_id: str) -> Path:
     return voc if voc.is_file() else Path(root) / FILES["semseg_context"].format(id=image_id)
 
 
+@cache
+def _normals_png_table() -> np.ndarray:
+    """float64 [256]: 2 * v / 255 - 1 for every uint8 value v of a normals PNG."""
+    table = 2.0 * np.arange(256, dtype=np.uint8).astype(np.float64) / 255.0 - 1.0
+    table.flags.writeable = False
+    return table
+
+
+@cache
+def _normals_valid_table() -> np.ndarray:
+    """bool [max id + 1]: is this Context class id normals-valid."""
+    ids = sorted(normals_valid_context_ids())
+    table = np.zeros(ids[-1] + 1, bool)
+    table[ids] = True
+    table.flags.writeable = False
+    return table
+
+
+def _normals_valid(labelmap: np.ndarray) -> np.ndarray:
+    """np.isin(labelmap, normals_valid_context_ids()), as one table lookup when the ids are in the table's range."""
+    table = _normals_valid_table()
+    if labelmap.size and labelmap.min() >= 0 and labelmap.max() < len(table):
+        return np.take(table, labelmap)
+    return np.isin(labelmap, np.fromiter(normals_valid_context_ids(), dtype=np.int64))
+
+
 def load_label(
     root: Path, task: str, image_id: str, shape: tuple[int, int], size_mismatch: str = "error"
 ) -> np.ndarray:
@@ -433,9 +459,10 @@ def load_label(
                 lm_path,
                 "size",
             )
-        valid = np.isin(labelmap, np.fromiter(normals_valid_context_ids(), dtype=np.int64))
-        # float64 arithmetic, as the official loader (its result is what the fixture holds)
-        normals = np.where(valid[..., None], 2.0 * png.astype(np.float64) / 255.0 - 1.0, 0.0)
+        # where(valid, 2 * png / 255 - 1, 0) in float64 as the official loader (its result is what the fixture
+        # holds); the 256 possible values come from a table computed with those same float64 operations.
+        normals = cv2.LUT(png, _normals_png_table())
+        np.copyto(normals, 0.0, where=~_normals_valid(labelmap)[..., None])
         return _align(normals, shape, png_path, "the normals map", size_mismatch, cubic=True)
     raise DatasetError(f"unknown task {task!r}; expected one of {list(TASKS)}", None, "config")
 

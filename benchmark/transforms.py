@@ -30,12 +30,23 @@ Randomness
 A train transform holds a base ``seed``; the dataset calls it with ``(epoch, index)`` and every draw comes from
 ``numpy.random.default_rng([seed, epoch, index])``. A sample's augmentation therefore depends only on those three
 numbers, not on the data-loader worker that produced it or on the order of loading.
+
+Implementation
+--------------
+``MultiTaskTransform.__call__`` applies the same steps as the step functions below, one entry at a time, with
+fewer copies and passes: the normals are rotated straight into a new array, the resize works on one channel at a
+time, the normals are renormalised straight into the [C, S, S] layout of their tensor, and the image normalisation
+(uint8 -> float32 ``/ 255``, ``- mean``, ``/ std``) is a lookup table of the 256 possible values built with the
+same float32 torch operations. The arithmetic is unchanged (the same OpenCV calls with the same flags on float64
+data, the same NumPy operations in the same order), so the tensors are bitwise those of the plain step-by-step
+implementation that ``tests/test_transforms_fast.py`` keeps as its reference.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import cv2
 import numpy as np
@@ -65,15 +76,107 @@ def _entries(sample: dict[str, np.ndarray]) -> list[str]:
     return list(sample)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# One entry at a time ([H, W, C] or [H, W] arrays); shared by the step functions and MultiTaskTransform
+
+
+def _flip_entry(key: str, arr: np.ndarray) -> np.ndarray:
+    out = cv2.flip(arr, 1)
+    if key == "normals":
+        out[..., 0] *= -1.0
+    return out
+
+
+def _rotate_normal_vectors(arr: np.ndarray, angle: float) -> np.ndarray:
+    """(x, y) -> (x cos a + y sin a, y cos a - x sin a) into a new array; the other channels are copied."""
+    a = np.deg2rad(angle)
+    cos, sin = np.cos(a), np.sin(a)
+    x, y = arr[..., 0], arr[..., 1]
+    new_x = x * cos
+    new_x += y * sin
+    new_y = y * cos
+    new_y -= x * sin
+    out = np.empty(arr.shape, arr.dtype)
+    out[..., 0], out[..., 1], out[..., 2:] = new_x, new_y, arr[..., 2:]
+    return out
+
+
+def _scale_rotate_entry(key: str, arr: np.ndarray, angle: float, scale: float) -> np.ndarray:
+    h, w = arr.shape[:2]
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+    if key == "normals":
+        arr = _rotate_normal_vectors(arr, angle)
+    return cv2.warpAffine(arr, matrix, (w, h), flags=INTERPOLATION[key])
+
+
+def _normals_norm(channels: Sequence[np.ndarray]) -> np.ndarray:
+    """Per pixel of the normals' channels (x, y, z, ...): the official sqrt(x**2 + y**2 + z**2) + eps, with the same
+    operations in the same order."""
+    norm = channels[0] ** 2
+    norm += channels[1] ** 2
+    norm += channels[2] ** 2
+    np.sqrt(norm, out=norm)
+    norm += _NORMALS_EPS
+    return norm
+
+
+def _zero_length(channels: Sequence[np.ndarray]) -> np.ndarray:
+    """Mask of the zero-length vectors, given their channels (a [C, H, W] array, view or list of planes)."""
+    sq = channels[0] ** 2
+    sq += channels[1] ** 2
+    sq += channels[2] ** 2
+    # The official test is sqrt(sq) == 0; a sum of squares is never negative, so that is sq == 0.
+    return sq == 0
+
+
+def _parts_or_ignore(arr: np.ndarray) -> np.ndarray:
+    """A human_parts map without any part (no person in the image) becomes all 255."""
+    return arr if arr.any() else np.full_like(arr, IGNORE)
+
+
+@cache
+def _normalisation_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """float32 [C, 256]: the normalised value of each uint8 value, per channel.
+
+    Built with exactly the torch operations once applied pixel by pixel (float32 ``/ 255``, then ``(x - mean) / std``,
+    each an exactly rounded IEEE operation), so a lookup gives the same bits.
+    """
+    values = torch.arange(256, dtype=torch.uint8).to(torch.float32).expand(len(mean), 1, 256) / 255
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    table = ((values - m) / s)[:, 0, :].numpy().copy()
+    table.flags.writeable = False
+    return table
+
+
+def _image_tensor(channels: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The image's uint8 channels -> float32 [C, H, W], /255 and mean/std normalised."""
+    table = _normalisation_table(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    if len(channels) != len(table):
+        raise ValueError(f"the image has {len(channels)} channels but there are {len(table)} mean/std values")
+    out = np.empty((len(channels), *channels[0].shape), np.float32)
+    for c, plane in enumerate(channels):
+        cv2.LUT(plane, table[c], dst=out[c])
+    return torch.from_numpy(out)
+
+
+def _split(arr: np.ndarray) -> list[np.ndarray]:
+    """The channels of an [H, W, C] array as contiguous [H, W] arrays ([arr] for an [H, W] array)."""
+    return list(cv2.split(arr)) if arr.ndim == 3 else [arr]
+
+
+def _label_tensor(arr: np.ndarray, label_dtype: torch.dtype) -> torch.Tensor:
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).to(label_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The steps on whole samples
+
+
 def hflip(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Mirror every entry left-right; the normals' x component changes sign."""
-    out = {}
-    for key in _entries(sample):
-        arr = cv2.flip(sample[key], 1)
-        if key == "normals":
-            arr[..., 0] *= -1.0
-        out[key] = arr
-    return out
+    return {key: _flip_entry(key, sample[key]) for key in _entries(sample)}
 
 
 def scale_rotate(sample: dict[str, np.ndarray], angle: float, scale: float) -> dict[str, np.ndarray]:
@@ -82,19 +185,7 @@ def scale_rotate(sample: dict[str, np.ndarray], angle: float, scale: float) -> d
     The border is constant 0. Normal vectors are also rotated in the image plane by the same angle, in the
     direction the official code uses: (x, y) -> (x cos a + y sin a, y cos a - x sin a).
     """
-    out = {}
-    for key in _entries(sample):
-        arr = sample[key]
-        h, w = arr.shape[:2]
-        matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
-        if key == "normals":
-            arr = arr.copy()
-            a = np.deg2rad(angle)
-            x, y = arr[..., 0].copy(), arr[..., 1].copy()
-            arr[..., 0] = x * np.cos(a) + y * np.sin(a)
-            arr[..., 1] = y * np.cos(a) - x * np.sin(a)
-        out[key] = cv2.warpAffine(arr, matrix, (w, h), flags=INTERPOLATION[key])
-    return out
+    return {key: _scale_rotate_entry(key, sample[key], angle, scale) for key in _entries(sample)}
 
 
 def resize(sample: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -102,10 +193,7 @@ def resize(sample: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     out = {}
     for key in _entries(sample):
         arr = cv2.resize(sample[key], (size, size), interpolation=INTERPOLATION[key])
-        if key == "normals":
-            norm = np.sqrt(arr[..., 0] ** 2 + arr[..., 1] ** 2 + arr[..., 2] ** 2) + _NORMALS_EPS
-            arr = arr / norm[..., None]
-        out[key] = arr
+        out[key] = arr / _normals_norm(arr.transpose(2, 0, 1))[..., None] if key == "normals" else arr
     return out
 
 
@@ -114,20 +202,21 @@ def add_ignore_regions(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = dict(sample)
     if "normals" in out:
         arr = out["normals"].copy()
-        zero = np.sqrt(arr[..., 0] ** 2 + arr[..., 1] ** 2 + arr[..., 2] ** 2) == 0
-        arr[zero] = IGNORE
+        np.copyto(arr, IGNORE, where=_zero_length(arr.transpose(2, 0, 1))[..., None])
         out["normals"] = arr
-    if "human_parts" in out and not out["human_parts"].any():
-        out["human_parts"] = np.full_like(out["human_parts"], IGNORE)
+    if "human_parts" in out:
+        out["human_parts"] = _parts_or_ignore(out["human_parts"])
     return out
 
 
 def cast_uint8(image: np.ndarray, mode: str = "clamp") -> np.ndarray:
     """Float image -> uint8, truncating toward zero; out-of-range values clamp or wrap (module docstring)."""
+    # A float -> integer conversion truncates toward zero by itself, so no separate trunc pass is needed; and the
+    # int64 -> uint8 conversion keeps the low byte, i.e. it is the modulo 256.
     if mode == "wrap":
-        return (np.trunc(image).astype(np.int64) & 0xFF).astype(np.uint8)
+        return image.astype(np.int64).astype(np.uint8)
     if mode == "clamp":
-        return np.trunc(np.clip(image, 0.0, 255.0)).astype(np.uint8)
+        return np.clip(image, 0.0, 255.0).astype(np.uint8)
     raise ValueError(f"uint8_cast must be one of {UINT8_CASTS}, got {mode!r}")
 
 
@@ -142,14 +231,10 @@ def to_tensors(
     out = {}
     for key, arr in sample.items():
         if key == "image":
-            img = torch.from_numpy(cast_uint8(arr, uint8_cast).transpose(2, 0, 1).copy()).to(torch.float32) / 255
-            # Same float32 arithmetic as torchvision's ToTensor + Normalize.
-            m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-            s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-            out[key] = (img - m) / s
+            # Same float32 arithmetic as torchvision's ToTensor + Normalize (through the lookup table).
+            out[key] = _image_tensor(_split(cast_uint8(arr, uint8_cast)), mean, std)
         else:
-            arr = arr[..., None] if arr.ndim == 2 else arr
-            out[key] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).to(label_dtype)
+            out[key] = _label_tensor(arr, label_dtype)
     return out
 
 
@@ -188,13 +273,33 @@ class MultiTaskTransform:
         return bool(u_flip < self.flip_prob), lo + (hi - lo) * u_rot, slo + (shi - slo) * u_scale
 
     def __call__(self, sample: dict[str, np.ndarray], epoch: int = 0, index: int = 0) -> dict[str, torch.Tensor]:
-        if self.train:
-            flip, angle, scale = self.draw(epoch, index)
+        # hflip -> scale_rotate -> resize -> add_ignore_regions -> to_tensors, one entry at a time
+        size = int(self.image_size)
+        flip, angle, scale = self.draw(epoch, index) if self.train else (False, 0.0, 1.0)
+        out = {}
+        for key in _entries(sample):
+            arr = sample[key]
             if flip:
-                sample = hflip(sample)
-            sample = scale_rotate(sample, angle, scale)
-        sample = add_ignore_regions(resize(sample, int(self.image_size)))
-        return to_tensors(sample, self.uint8_cast, self.label_dtype, self.mean, self.std)
+                arr = _flip_entry(key, arr)
+            if self.train:
+                arr = _scale_rotate_entry(key, arr, angle, scale)
+            # Resized one channel at a time: the same result as resizing [H, W, C] at once (each channel is
+            # resampled with the same coefficients) and faster for float64 maps. The warp above stays on
+            # [H, W, C]: there, one call for three channels is faster than three calls.
+            channels = [cv2.resize(c, (size, size), interpolation=INTERPOLATION[key]) for c in _split(arr)]
+            if key == "image":
+                out[key] = _image_tensor([cast_uint8(c, self.uint8_cast) for c in channels], self.mean, self.std)
+            elif key == "normals":
+                norm = _normals_norm(channels)
+                normals = np.empty((len(channels), size, size), np.result_type(channels[0], norm))
+                for c, channel in enumerate(channels):
+                    np.divide(channel, norm, out=normals[c])
+                np.copyto(normals, IGNORE, where=_zero_length(normals))  # much faster than normals[:, mask] = 255
+                out[key] = torch.from_numpy(normals).to(self.label_dtype)
+            else:
+                arr = channels[0] if len(channels) == 1 else np.stack(channels, axis=-1)
+                out[key] = _label_tensor(_parts_or_ignore(arr) if key == "human_parts" else arr, self.label_dtype)
+        return out
 
 
 def build_transforms(
