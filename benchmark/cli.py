@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="data-loader workers per process")
     p.add_argument("--amp-dtype", choices=["float16", "bfloat16", "none"], default="float16", help="AMP on CUDA")
     p.add_argument("--dist-timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each backbone block's activations in backward instead of keeping them: less memory, about "
+        "a third more compute, the same values and gradients (MTLoRA methods; docs/perf.md)",
+    )
     s = p.add_argument_group(
         "sweeps",
         "Several methods, seeds or --set alternatives make a sweep: one job per (method, config, seed), each a "
@@ -202,7 +208,9 @@ def _resolve_device(choice: str) -> str:
 # --------------------------------------------------------------------------- the run
 
 
-def build_net(spec: Any, method_cfg: Any, model_cfg: Any, pretrained: Path | None) -> Any:
+def build_net(
+    spec: Any, method_cfg: Any, model_cfg: Any, pretrained: Path | None, activation_checkpointing: bool = False
+) -> Any:
     """Build the multi-task model, load pretrained Swin weights, then apply the method."""
     from benchmark.model import MultiTaskModel
 
@@ -212,7 +220,26 @@ def build_net(spec: Any, method_cfg: Any, model_cfg: Any, pretrained: Path | Non
 
         report = load_pretrained_backbone(net.backbone, pretrained)
         print(f"pretrained: {report}", file=sys.stderr)
-    return spec.apply(net, method_cfg)
+    net = spec.apply(net, method_cfg)
+    if activation_checkpointing:
+        enable_activation_checkpointing(net, spec.name)
+    return net
+
+
+def enable_activation_checkpointing(net: Any, method: str) -> int:
+    """Switch on the recomputation of block activations where the method's backbone offers it (a boolean
+    ``checkpoint`` attribute, e.g. ``methods.mtlora.MTLoRABackbone``); a UsageError where it does not."""
+    from methods.mtlora import MTLoRABackbone
+
+    found = [m for m in net.modules() if isinstance(m, MTLoRABackbone)]
+    if not found:
+        raise UsageError(
+            f"--activation-checkpointing: method {method!r} has no checkpointing backbone; it is available for "
+            "the MTLoRA methods (mtlora, mtlora_plus)"
+        )
+    for m in found:
+        m.checkpoint = True
+    return len(found)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,7 +385,8 @@ def _single(args: argparse.Namespace, spec: Any, method_cfg: Any, settings: Any,
 def _dry_run(args, spec, method_cfg, model_cfg, settings, protocol) -> dict[str, Any]:
     from benchmark.params import count_parameters
 
-    net = build_net(spec, method_cfg, model_cfg, args.pretrained)  # a --pretrained file is checked here too
+    # a --pretrained file and --activation-checkpointing are checked here too
+    net = build_net(spec, method_cfg, model_cfg, args.pretrained, args.activation_checkpointing)
     counts = count_parameters(net, spec.adapter_markers)
     out = {
         "method": spec.name,
@@ -438,7 +466,7 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
         )
 
     set_random_seed(seed)  # same initialisation of new (LoRA, decoder) weights on every rank
-    net = build_net(spec, method_cfg, model_cfg, args.pretrained).to(device)
+    net = build_net(spec, method_cfg, model_cfg, args.pretrained, args.activation_checkpointing).to(device)
     params = count_parameters(net, spec.adapter_markers)
     loss_fn = MultiTaskLoss(protocol.tasks)
     meters = build_meters(tasks)
@@ -487,6 +515,8 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
     status = "debug" if settings.debug else "success"
     if settings.debug:
         notes.append(f"preset {settings.preset} / shortened schedule: not the protocol, never tabled")
+    if args.activation_checkpointing:
+        notes.append("activation checkpointing: block activations recomputed in backward (cost figures include it)")
     t_start = time.time()
     failed = None
     if args.eval_only:

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,13 @@ ABS_TOL = {"fraction": 2.5e-4, "degrees": 0.15}
 CHECKED_METRICS = {"semseg": ("mIoU",), "human_parts": ("mIoU",), "sal": ("mIoU", "maxF"), "normals": ("mean",)}
 
 
-def run_reference(method: str, threads: int = 1) -> dict[str, Any]:
-    """Run one reference run in a fresh process; returns its result dict."""
+def run_reference(method: str, threads: int = 1, extra_args: Sequence[str] = ()) -> dict[str, Any]:
+    """Run one reference run in a fresh process (``extra_args``: more run_benchmark flags); returns its result."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.pop("MTPEFT_FAULT_NAN_ITER", None)
     with tempfile.TemporaryDirectory(prefix=f"refrun-{method}-") as tmp:
         cmd = [sys.executable, "-m", "benchmark.cli", "--method", method, "--preset", PRESET, "--seed", str(SEED),
-               "--work-dir", tmp]  # fmt: skip
+               "--work-dir", tmp, *extra_args]  # fmt: skip
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         if p.returncode != 0:
             raise RuntimeError(f"reference run of {method} failed (exit {p.returncode}):\n{p.stderr[-2000:]}")

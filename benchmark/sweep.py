@@ -159,6 +159,7 @@ PASSTHROUGH = (
     ("workers", "--workers"),
     ("amp_dtype", "--amp-dtype"),
     ("dist_timeout", "--dist-timeout"),
+    ("activation_checkpointing", "--activation-checkpointing"),
 )
 
 
@@ -172,6 +173,11 @@ def job_command(point: GridPoint, args: argparse.Namespace, job_dir: Path, nproc
     for attr, flag in PASSTHROUGH:
         value = getattr(args, attr, None)
         if value is None:
+            continue
+        if value is True:  # a store_true flag
+            cmd.append(flag)
+            continue
+        if value is False:
             continue
         if isinstance(value, Path):
             value = value.expanduser().resolve()

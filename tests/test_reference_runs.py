@@ -22,6 +22,14 @@ def test_reference_run_reproduces_its_golden_metrics(method):
     assert compare(method, golden, run_reference(method)) == []
 
 
+def test_activation_checkpointing_trains_the_same_mtlora():
+    # the recomputation replays the dropout and drop-path draws: the same training, within the runs' noise bounds
+    golden = load_golden()["methods"]["mtlora"]
+    result = run_reference("mtlora", extra_args=["--activation-checkpointing"])
+    assert compare("mtlora", golden, result) == []
+    assert any("activation checkpointing" in n for n in result["notes"])
+
+
 def test_compare_reports_a_moved_metric_and_a_changed_count():
     golden = load_golden()["methods"]["full_ft"]
     result = {"method": {"config": golden["config"]}, "params": {"trainable": golden["trainable"] + 1},

@@ -14,7 +14,7 @@ import pytest
 from benchmark.cli import build_parser, main
 from benchmark.protocol import PASCAL_CONTEXT
 from benchmark.results import RunResult, make_run_id
-from benchmark.sweep import SweepError, expand_grid, slurm_parameters, split_alternatives
+from benchmark.sweep import GridPoint, SweepError, expand_grid, job_command, slurm_parameters, split_alternatives
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("MTPEFT_FAULT_")}
 ENV.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -111,6 +111,16 @@ def test_slurm_sweep_dry_run_builds_torchrun_jobs_and_sbatch_parameters(tmp_path
     if "sbatch script" in out:  # rendered by submitit itself
         assert "#SBATCH --partition=gpu" in out and "#SBATCH --gpus-per-node=2" in out
     assert not sweep_dir.exists()  # nothing submitted, nothing written
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_job_command_passes_a_switch_only_when_it_is_on(flag, tmp_path):
+    argv = ["--method", "mtlora", "--preset", "tiny"] + (["--activation-checkpointing"] if flag else [])
+    args = build_parser().parse_args(argv)
+    point = GridPoint("mtlora", (), {}, 0, "run")
+    cmd = job_command(point, args, tmp_path / "job", 1)
+    assert ("--activation-checkpointing" in cmd) is flag
+    assert "False" not in cmd and "True" not in cmd
 
 
 def test_slurm_parameters_defaults():
