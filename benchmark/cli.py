@@ -75,9 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist-timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
     p.add_argument(
         "--activation-checkpointing",
-        action="store_true",
-        help="recompute each backbone block's activations in backward instead of keeping them: less memory, about "
-        "a third more compute, the same values and gradients (MTLoRA methods; docs/perf.md)",
+        nargs="?",
+        const="all",
+        metavar="STAGES",
+        help="recompute backbone block activations in backward instead of keeping them: less memory, more "
+        "compute, the same values and gradients (MTLoRA methods). 'all' (the default) or stage numbers, e.g. 1 or "
+        "1,2: the first stage holds the largest activations for a sixth of the compute (docs/perf.md)",
     )
     s = p.add_argument_group(
         "sweeps",
@@ -209,7 +212,7 @@ def _resolve_device(choice: str) -> str:
 
 
 def build_net(
-    spec: Any, method_cfg: Any, model_cfg: Any, pretrained: Path | None, activation_checkpointing: bool = False
+    spec: Any, method_cfg: Any, model_cfg: Any, pretrained: Path | None, activation_checkpointing: str | None = None
 ) -> Any:
     """Build the multi-task model, load pretrained Swin weights, then apply the method."""
     from benchmark.model import MultiTaskModel
@@ -221,15 +224,15 @@ def build_net(
         report = load_pretrained_backbone(net.backbone, pretrained)
         print(f"pretrained: {report}", file=sys.stderr)
     net = spec.apply(net, method_cfg)
-    if activation_checkpointing:
-        enable_activation_checkpointing(net, spec.name)
+    if activation_checkpointing is not None:
+        enable_activation_checkpointing(net, spec.name, activation_checkpointing)
     return net
 
 
-def enable_activation_checkpointing(net: Any, method: str) -> int:
-    """Switch on the recomputation of block activations where the method's backbone offers it (a boolean
-    ``checkpoint`` attribute, e.g. ``methods.mtlora.MTLoRABackbone``); a UsageError where it does not."""
-    from methods.mtlora import MTLoRABackbone
+def enable_activation_checkpointing(net: Any, method: str, stages: str = "all") -> int:
+    """Switch on the recomputation of block activations (``stages``: 'all', 'none' or 1-based stage numbers)
+    where the method's backbone offers it (``methods.mtlora.MTLoRABackbone``); a UsageError where it does not."""
+    from methods.mtlora import MTLoRABackbone, parse_checkpoint_stages
 
     found = [m for m in net.modules() if isinstance(m, MTLoRABackbone)]
     if not found:
@@ -237,8 +240,12 @@ def enable_activation_checkpointing(net: Any, method: str) -> int:
             f"--activation-checkpointing: method {method!r} has no checkpointing backbone; it is available for "
             "the MTLoRA methods (mtlora, mtlora_plus)"
         )
+    try:
+        value = parse_checkpoint_stages(stages, len(found[0].layers))
+    except ValueError as e:
+        raise UsageError(f"--activation-checkpointing: {e}") from None
     for m in found:
-        m.checkpoint = True
+        m.checkpoint = value
     return len(found)
 
 
@@ -515,8 +522,11 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
     status = "debug" if settings.debug else "success"
     if settings.debug:
         notes.append(f"preset {settings.preset} / shortened schedule: not the protocol, never tabled")
-    if args.activation_checkpointing:
-        notes.append("activation checkpointing: block activations recomputed in backward (cost figures include it)")
+    if args.activation_checkpointing not in (None, "none"):
+        notes.append(
+            f"activation checkpointing ({args.activation_checkpointing}): block activations recomputed in backward "
+            "(cost figures include it)"
+        )
     t_start = time.time()
     failed = None
     if args.eval_only:

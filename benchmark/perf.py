@@ -4,8 +4,8 @@
 
 A method entry is a registered method name, optionally with config overrides in brackets, e.g.
 ``lora[rank=64,alpha=64,dropout=0]`` or ``mtlora[shared_rank=[16,16,16,16]]``; ``_form=NAME`` in the brackets
-forces one LoRA form (``methods.lora_ops.FORMS``) on the method's LoRA layers and ``_checkpoint=1`` turns on
-MTLoRA's activation checkpointing. Two entries are internal to this
+forces one LoRA form (``methods.lora_ops.FORMS``) on the method's LoRA layers and ``_checkpoint=all`` (or stage
+numbers, ``_checkpoint=1+2``) turns on MTLoRA's activation checkpointing. Two entries are internal to this
 tool: ``reference`` (see below) and ``peft_lora_reference[...]``, the ``lora`` config injected with peft's own
 LoRA layers, the anchor the fast ``lora`` layers are compared with. ``reference`` and ``full_ft`` are always
 measured: every step time is also given as a ratio to them.
@@ -88,7 +88,7 @@ class Entry:
     name: str  # registered method name, or one of INTERNAL
     overrides: tuple[str, ...] = ()  # key=value config overrides
     form: str | None = None  # forced LoRA form (the _form pseudo-override)
-    checkpoint: bool = False  # MTLoRA's activation checkpointing (the _checkpoint pseudo-override)
+    checkpoint: bool | frozenset[int] = False  # MTLoRA's activation checkpointing (the _checkpoint pseudo-override)
 
 
 def split_top(text: str, sep: str = ",") -> list[str]:
@@ -132,10 +132,12 @@ def parse_entry(text: str) -> Entry:
             if form not in FORMS:
                 raise PerfError(f"method entry {text!r}: _form={form!r} is not one of {list(FORMS)}")
         elif o.startswith("_checkpoint="):
-            value = o.split("=", 1)[1].lower()
-            if value not in ("0", "1", "true", "false"):
-                raise PerfError(f"method entry {text!r}: _checkpoint takes 0/1, got {value!r}")
-            ckpt = value in ("1", "true")
+            from methods.mtlora import parse_checkpoint_stages
+
+            try:
+                ckpt = parse_checkpoint_stages(o.split("=", 1)[1])
+            except ValueError as e:
+                raise PerfError(f"method entry {text!r}: {e}") from None
         else:
             rest.append(o)
     if name not in INTERNAL:

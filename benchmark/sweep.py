@@ -174,11 +174,6 @@ def job_command(point: GridPoint, args: argparse.Namespace, job_dir: Path, nproc
         value = getattr(args, attr, None)
         if value is None:
             continue
-        if value is True:  # a store_true flag
-            cmd.append(flag)
-            continue
-        if value is False:
-            continue
         if isinstance(value, Path):
             value = value.expanduser().resolve()
         cmd += [flag, str(value)]

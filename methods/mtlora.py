@@ -590,6 +590,23 @@ class StageOutput:
     tasks: Tensor | None  # [T, B, H, W, C] task streams after merging, None: the tasks use ``shared``
 
 
+def parse_checkpoint_stages(text: str, n_stages: int = 4) -> bool | frozenset[int]:
+    """``"all"`` -> True, ``"none"`` -> False, ``"1"`` / ``"1,2"`` / ``"1+2"`` (1-based stage numbers) -> the
+    0-based set for :attr:`MTLoRABackbone.checkpoint`; anything else is a ValueError naming what is expected."""
+    value = text.strip().lower()
+    if value in ("all", "true"):
+        return True
+    if value in ("none", "false", ""):
+        return False
+    parts = [p for p in value.replace("+", ",").split(",") if p]
+    if not parts or not all(p.isdigit() and 1 <= int(p) <= n_stages for p in parts):
+        raise ValueError(
+            f"activation checkpointing {text!r}: expected 'all', 'none' or stage numbers 1-{n_stages} "
+            "separated by ',' or '+' (e.g. '1' or '1,2')"
+        )
+    return frozenset(int(p) - 1 for p in parts)
+
+
 class MTLoRABackbone(nn.Module):
     """The frozen timm Swin of a ``SwinBackbone`` with MTLoRA layers; ``forward`` gives {task: 4 NCHW features}.
 
@@ -605,15 +622,21 @@ class MTLoRABackbone(nn.Module):
         self.task_blocks = [set(b) for b in task_blocks]
         self.batched = True  # False: per-task reference loop (identical results, slower)
         # True: recompute each block's activations in backward (torch.utils.checkpoint) instead of keeping them;
-        # the same values and gradients (random draws are replayed), a fraction of the memory, ~1/3 more compute
-        self.checkpoint = False
+        # the same values and gradients (random draws are replayed), a fraction of the memory, ~1/3 more compute.
+        # A set of 0-based stage indices: only those stages' blocks (the first stage holds the largest
+        # activations for a sixth of the compute: most of the saving for a fraction of the recomputation)
+        self.checkpoint: bool | frozenset[int] = False
 
     @property
     def layers(self) -> nn.Module:
         return self.swin.layers
 
-    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self.checkpoint and self.training and torch.is_grad_enabled():
+    def _checkpointed(self, stage: int) -> bool:
+        on = self.checkpoint is True or (not isinstance(self.checkpoint, bool) and stage in self.checkpoint)
+        return on and self.training and torch.is_grad_enabled()
+
+    def _run(self, stage: int, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._checkpointed(stage):
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
@@ -628,15 +651,15 @@ class MTLoRABackbone(nn.Module):
             last = len(layer.blocks) - 1
             for j, blk in enumerate(layer.blocks):
                 if j == last and j in self.task_blocks[i]:
-                    x, tasks = self._run(_task_block_forward, blk, x, self.batched)
+                    x, tasks = self._run(i, _task_block_forward, blk, x, self.batched)
                 else:
                     # a non-last block's task outputs are discarded by the official stage loop, so skip them
-                    x = self._run(blk, x)
+                    x = self._run(i, blk, x)
             if i + 1 < len(layers):
                 merge = layers[i + 1].downsample  # official: the merging ends stage i
                 x = merge(x)
                 if tasks is not None:
-                    tasks = self._run(_per_task, merge, tasks, self.batched)
+                    tasks = self._run(i, _per_task, merge, tasks, self.batched)
             stages.append(StageOutput(x, tasks))
         return patch_tokens, stages
 

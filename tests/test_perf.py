@@ -20,7 +20,7 @@ from benchmark.model import MultiTaskModel, model_config_for
 from methods import METHODS
 from methods.base import apply_overrides, merge_for_eval
 from methods.lora_ops import choose_form, drop_positions, fast_dropout, lora_linear, record_forms
-from methods.mtlora import MTLoRALinear
+from methods.mtlora import MTLoRALinear, parse_checkpoint_stages
 
 TASKS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3}
 
@@ -45,6 +45,14 @@ def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
 
 
 # --------------------------------------------------------------------------- the perf tool
+
+
+def test_checkpoint_stages_parse_and_bad_values_are_errors() -> None:
+    assert parse_checkpoint_stages("all") is True and parse_checkpoint_stages("none") is False
+    assert parse_checkpoint_stages("1") == frozenset({0}) and parse_checkpoint_stages("2+4") == frozenset({1, 3})
+    for bad in ("0", "5", "first", "1,,x"):
+        with pytest.raises(ValueError, match="stage numbers 1-4"):
+            parse_checkpoint_stages(bad)
 
 
 def test_step_flops_of_full_ft_exceed_the_reference_by_the_backbone_weight_gradients() -> None:
@@ -423,7 +431,8 @@ def test_merge_for_eval_matches_unmerged_and_restores_weights(name: str, overrid
         assert torch.equal(v, state[k]), k  # weights restored bit for bit
 
 
-def test_mtlora_checkpointing_gives_the_same_outputs_and_gradients() -> None:
+@pytest.mark.parametrize("stages", ["all", "1", "2+4"])
+def test_mtlora_checkpointing_gives_the_same_outputs_and_gradients(stages: str) -> None:
     spec = METHODS.get("mtlora")
     base = spec.apply(_model(), apply_overrides(spec.default_config(), ["shared_rank=[4,4,4,4]"]))  # dropout 0.05
     _randomize(base, std=0.05)
@@ -431,7 +440,7 @@ def test_mtlora_checkpointing_gives_the_same_outputs_and_gradients() -> None:
     results = []
     for ckpt in (False, True):
         net = copy.deepcopy(base).train()
-        net.backbone.checkpoint = ckpt
+        net.backbone.checkpoint = parse_checkpoint_stages(stages) if ckpt else False
         torch.manual_seed(4)  # dropout and drop-path draws are replayed by the recomputation
         out = net(image)
         sum(o.square().mean() for o in out.values()).backward()

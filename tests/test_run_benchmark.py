@@ -174,6 +174,7 @@ def test_list_shows_methods_with_fields():
         (["--method", "full_ft", "--eval-only", "--preset", "tiny"], "--eval-only needs --checkpoint"),
         (["--method", "full_ft", "--preset", "huge"], "unknown preset 'huge'"),
         (["--method", "lora", "--activation-checkpointing", "--dry-run"], "available for the MTLoRA methods"),
+        (["--method", "mtlora", "--activation-checkpointing", "5", "--dry-run"], "stage numbers 1-4"),
     ],
 )
 def test_bad_input_is_a_clear_error(args, expected, tmp_path, capsys):

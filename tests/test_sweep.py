@@ -113,14 +113,17 @@ def test_slurm_sweep_dry_run_builds_torchrun_jobs_and_sbatch_parameters(tmp_path
     assert not sweep_dir.exists()  # nothing submitted, nothing written
 
 
-@pytest.mark.parametrize("flag", [True, False])
-def test_job_command_passes_a_switch_only_when_it_is_on(flag, tmp_path):
-    argv = ["--method", "mtlora", "--preset", "tiny"] + (["--activation-checkpointing"] if flag else [])
-    args = build_parser().parse_args(argv)
-    point = GridPoint("mtlora", (), {}, 0, "run")
-    cmd = job_command(point, args, tmp_path / "job", 1)
-    assert ("--activation-checkpointing" in cmd) is flag
-    assert "False" not in cmd and "True" not in cmd
+@pytest.mark.parametrize(
+    ("given", "passed"),
+    [([], None), (["--activation-checkpointing"], "all"), (["--activation-checkpointing", "1,2"], "1,2")],
+)
+def test_job_command_passes_activation_checkpointing_on(given, passed, tmp_path):
+    args = build_parser().parse_args(["--method", "mtlora", "--preset", "tiny", *given])
+    cmd = job_command(GridPoint("mtlora", (), {}, 0, "run"), args, tmp_path / "job", 1)
+    if passed is None:
+        assert "--activation-checkpointing" not in cmd
+    else:
+        assert cmd[cmd.index("--activation-checkpointing") + 1] == passed
 
 
 def test_slurm_parameters_defaults():
