@@ -30,9 +30,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import peft
+import torch
+import torch.nn.functional as F
 from peft import inject_adapter_in_model
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-from torch import nn
+from peft.tuners.loha.layer import Linear as PeftLoHaLinear
+from peft.tuners.lokr.layer import Linear as PeftLoKrLinear
+from peft.tuners.vera.layer import Linear as PeftVeraLinear
+from torch import Tensor, nn
 
 from methods.base import MethodConfig, freeze, register_method
 
@@ -210,6 +215,113 @@ def _make_config(t: Tuner) -> type[MethodConfig]:
     return cls
 
 
+# --------------------------------------------------------------------------- materialised forwards
+
+
+class _DeltaWeightForward:
+    """Forward of a peft layer whose update is a weight delta (LoHa, LoKr, VeRA): ``x (W + dW)^T + b``.
+
+    peft computes ``W x + b`` and then ``dW x`` (LoHa/LoKr: ``F.linear(x, dW)``; VeRA: through the shared rank-256
+    projections): a second full-size product in the forward and another for the input gradient, which makes them
+    costlier than full fine-tuning. Adding ``dW`` to the frozen weight first computes the same function (up to
+    float rounding) with one product each way; the factors' gradients flow through ``dW`` by autograd as in peft.
+    The same random draws are made in the same order (LyCORIS' module-dropout draw, its rank dropout), so runs
+    keep their random streams. Anything else (several or disabled adapters, merged, VeRA dropout, fan-in-fan-out,
+    a dtype peft would cast) runs peft's own forward; ``fast = False`` forces it (tests compare the two).
+    """
+
+    fast: bool = True
+
+    def _fast_adapter(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        layer: Any = self
+        if not self.fast or args or kwargs or layer.disable_adapters or layer.merged:
+            return None
+        active = [a for a in layer.active_adapters if a in self._adapter_params(layer)]
+        base = layer.get_base_layer()
+        if len(active) != 1 or type(base) is not nn.Linear or getattr(layer, "fan_in_fan_out", False):
+            return None
+        if x.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            return None
+        return active[0] if self._exact(active[0]) else None
+
+    @staticmethod
+    def _adapter_params(layer: Any) -> Any:
+        raise NotImplementedError
+
+    def _exact(self, adapter: str) -> bool:
+        return True
+
+    def _delta(self, adapter: str) -> Tensor | None:
+        """The weight delta for this call, or None when peft would skip the adapter (module dropout)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        a = self._fast_adapter(x, args, kwargs)
+        if a is None:
+            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+        base = self.get_base_layer()  # type: ignore[attr-defined]
+        delta = self._delta(a)
+        if delta is None:
+            return base(x)
+        return F.linear(x, base.weight + delta.to(base.weight.dtype), base.bias)
+
+
+class _LycorisDelta(_DeltaWeightForward):
+    @staticmethod
+    def _adapter_params(layer: Any) -> Any:
+        return layer._available_adapters
+
+    def _delta(self, adapter: str) -> Tensor | None:
+        layer: Any = self
+        # peft: the adapter runs when (not training) or rand(1) > module_dropout; the draw is made in training
+        if layer.training and not bool(torch.rand(1) > layer.module_dropout[adapter]):
+            return None
+        apply_rank_dropout = layer.training and bool(layer.rank_dropout[adapter])
+        return layer.get_delta_weight(adapter, apply_rank_dropout=apply_rank_dropout)
+
+
+class FastLoHaLinear(_LycorisDelta, PeftLoHaLinear):
+    """peft's LoHa ``Linear`` computed as ``x (W + dW)^T`` (:class:`_DeltaWeightForward`)."""
+
+
+class FastLoKrLinear(_LycorisDelta, PeftLoKrLinear):
+    """peft's LoKr ``Linear`` computed as ``x (W + dW)^T`` (:class:`_DeltaWeightForward`)."""
+
+
+class FastVeraLinear(_DeltaWeightForward, PeftVeraLinear):
+    """peft's VeRA ``Linear`` computed as ``x (W + dW)^T`` without VeRA dropout (:class:`_DeltaWeightForward`)."""
+
+    @staticmethod
+    def _adapter_params(layer: Any) -> Any:
+        return layer.vera_lambda_d
+
+    def _exact(self, adapter: str) -> bool:
+        drop = self.vera_dropout[adapter]
+        return isinstance(drop, nn.Identity) or (isinstance(drop, nn.Dropout) and drop.p == 0.0)
+
+    def _delta(self, adapter: str) -> Tensor | None:
+        return self.get_delta_weight(adapter)
+
+
+FAST_LAYERS: dict[type, type] = {
+    PeftLoHaLinear: FastLoHaLinear,
+    PeftLoKrLinear: FastLoKrLinear,
+    PeftVeraLinear: FastVeraLinear,
+}
+
+
+def use_fast_layers(module: nn.Module) -> int:
+    """Turn peft's LoHa/LoKr/VeRA ``Linear`` layers in ``module`` into their materialised-forward subclasses (same
+    parameters, buffers, state dict and adapter API); returns how many."""
+    n = 0
+    for m in module.modules():
+        fast = FAST_LAYERS.get(type(m))
+        if fast is not None:
+            m.__class__ = fast
+            n += 1
+    return n
+
+
 def _peft_value(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value  # peft wants lists of target names
 
@@ -230,6 +342,7 @@ def _make_apply(t: Tuner) -> Callable[[nn.Module, Any], nn.Module]:
             t.check(model.backbone, cfg)
         kwargs = {f.peft: _peft_value(getattr(cfg, f.name)) for f in t.fields}
         _inject(t.peft_config(**kwargs, **t.fixed), model.backbone)
+        use_fast_layers(model.backbone)
         for p in model.decoders.parameters():
             p.requires_grad_(True)
         return model

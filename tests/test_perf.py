@@ -400,12 +400,66 @@ def test_mtlora_shared_forms_agree(form: str) -> None:
     assert lin.weight.grad is None and lin.bias.grad is None  # frozen weights never get gradients
 
 
+# --------------------------------------------------------------------------- materialised LoHa / LoKr / VeRA
+
+
+@pytest.mark.parametrize(
+    ("name", "marker", "overrides"),
+    [
+        ("loha", "hada_", ()),
+        ("loha", "hada_", ("module_dropout=0.5", "rank_dropout=0.3")),  # the same draws, in the same order
+        ("lokr", "lokr_", ()),
+        ("vera", "vera_lambda", ()),
+    ],
+)
+def test_materialised_delta_layers_equal_peft(name: str, marker: str, overrides: tuple[str, ...]) -> None:
+    from baselines.peft_bridge import FAST_LAYERS
+
+    spec = METHODS.get(name)
+    base = spec.apply(_model(), apply_overrides(spec.default_config(), overrides))
+    _randomize(base, marker=marker, std=0.2)
+    assert sum(type(m) in FAST_LAYERS.values() for m in base.modules()) == 20  # swin_micro: 5 blocks x 4
+    image = torch.randn(2, 3, 64, 64)
+    results = []
+    for fast in (True, False):
+        net = copy.deepcopy(base)  # the train step moves BatchNorm statistics
+        for m in net.modules():
+            if type(m) in FAST_LAYERS.values():
+                m.fast = fast
+        torch.manual_seed(3)
+        out = net.train()(image)
+        torch.manual_seed(3)
+        # gradients through the backbone's features: the decoders' train-mode BatchNorm would amplify rounding
+        sum(f.square().mean() for f in net.backbone(image)).backward()
+        grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            evals = net.eval()(image)
+        results.append((out, grads, evals))
+    (out_fast, g_fast, e_fast), (out_peft, g_peft, e_peft) = results
+    assert g_fast.keys() == g_peft.keys() and g_peft and all(marker in n for n in g_peft)
+    for t in TASKS:
+        _close(out_fast[t], out_peft[t])
+        _close(e_fast[t], e_peft[t])
+    for n in g_peft:
+        _close(g_fast[n], g_peft[n])
+
+
 # --------------------------------------------------------------------------- merged evaluation
 
 
 @pytest.mark.parametrize(
     "name, overrides",
-    [("lora", ()), ("mtlora", ()), ("mtlora_plus", ()), ("dora", ()), ("ia3", ()), ("oft", ()), ("full_ft", ())],
+    [
+        ("lora", ()),
+        ("mtlora", ()),
+        ("mtlora_plus", ()),
+        ("dora", ()),
+        ("loha", ()),
+        ("vera", ()),
+        ("ia3", ()),
+        ("oft", ()),
+        ("full_ft", ()),
+    ],
 )
 def test_merge_for_eval_matches_unmerged_and_restores_weights(name: str, overrides: tuple[str, ...]) -> None:
     spec = METHODS.get(name)
