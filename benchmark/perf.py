@@ -421,6 +421,36 @@ def _allocation_peak(step: Callable[[], Any]) -> int | None:
         return None
 
 
+def profile_step(entry: Entry, args: argparse.Namespace) -> str:
+    """torch.profiler's table (self time per operator, largest first) of one train step after ``--warmup`` + 1."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model_config(args.backbone, args.img)
+    device = torch.device(args.device)
+    if device.type == "cpu" and args.malloc_tuning:
+        tune_malloc()
+    bench = Bench(
+        entry,
+        build_net(entry, args.backbone, args.img),
+        device,
+        args.amp,
+        args.compile,
+        args.channels_last,
+        args.batch,
+        args.img,
+        args.backbone_only,
+    )
+    for _ in range(args.warmup + 1):
+        bench.train_step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        bench.train_step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    head = f"{entry.label}: one train step ({args.backbone}, {args.img} px, batch {args.batch}, {args.device})"
+    return head + "\n" + prof.key_averages().table(sort_by=key, row_limit=args.profile_rows)
+
+
 def memory_child(entry: Entry, args: argparse.Namespace) -> dict[str, int]:
     """Run in a fresh process: build the method, take two train steps (a third on the CPU), report peak memory.
 
@@ -810,6 +840,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-size", type=_size_range, default=(375, 500), help="generated image sizes LO,HI px")
     p.add_argument("--pair", type=_pair, action="append", default=[], help="also report A's cost over B's (A:B)")
     p.add_argument("--json", default=None, help="write the result here (atomically)")
+    p.add_argument(
+        "--profile",
+        metavar="ENTRY",
+        default=None,
+        help="instead of the table: torch.profiler's per-op self time for one train step of this method entry",
+    )
+    p.add_argument("--profile-rows", type=int, default=25, help="operators listed by --profile")
     p.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p
@@ -842,6 +879,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         if args.memory_child is not None:
             print(json.dumps(memory_child(parse_entry(args.memory_child), args)))
+            return 0
+        if args.profile is not None:
+            print(profile_step(parse_entry(args.profile), args))
             return 0
         result = run(args)
     except PerfError as e:

@@ -47,6 +47,16 @@ def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
 # --------------------------------------------------------------------------- the perf tool
 
 
+def test_profile_prints_the_operators_of_one_train_step(capsys: pytest.CaptureFixture) -> None:
+    argv = ["--profile", "mtlora[shared_rank=[4,4,4,4]]", "--backbone", "swin_micro", "--img", "64", "--warmup", "0"]
+    assert perf.main([*argv, "--profile-rows", "5", "--no-malloc-tuning"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mtlora[shared_rank=[4,4,4,4]]: one train step (swin_micro, 64 px, batch 2, cpu)")
+    assert "aten::" in out and "Self CPU" in out
+    assert perf.main(["--profile", "mtlroa", "--backbone", "swin_micro", "--img", "64"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+
+
 def test_checkpoint_stages_parse_and_bad_values_are_errors() -> None:
     assert parse_checkpoint_stages("all") is True and parse_checkpoint_stages("none") is False
     assert parse_checkpoint_stages("1") == frozenset({0}) and parse_checkpoint_stages("2+4") == frozenset({1, 3})
