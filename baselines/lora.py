@@ -22,13 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import Tensor, nn
 
 from methods.base import MethodConfig, freeze, register_method
-from methods.lora_ops import FORMS, lora_linear
+from methods.lora_ops import FORMS, lora_linear, single_plain_adapter
 
 
 @dataclass(frozen=True)
@@ -54,16 +53,9 @@ class FastLoraLinear(PeftLoraLinear):
 
     def _fast_adapter(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         """The adapter the fast path computes, or None when peft's forward must run."""
-        if args or kwargs or self.disable_adapters or self.merged or self.fan_in_fan_out:
+        a = single_plain_adapter(self, x, args, kwargs, self.lora_A)
+        if a is None or a in self.lora_variant or self.lora_bias.get(a, False):
             return None
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if len(active) != 1:
-            return None
-        a = active[0]
-        if a in self.lora_variant or self.lora_bias.get(a, False) or type(self.get_base_layer()) is not nn.Linear:
-            return None
-        if x.dtype != self.lora_A[a].weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            return None  # peft casts the input; keep its semantics
         return a
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:

@@ -17,6 +17,8 @@ Tuner-specific choices, made once here:
   block can be targeted. peft's ``inject_adapter_in_model`` refuses VeRA because that shared state lives on the
   tuner; here the tuner is built directly instead: each adapted layer registers the shared buffers as a submodule,
   so they travel with the backbone (``state_dict``, ``.to()``, ``deepcopy``). The projections are saved with it.
+* LoHa, LoKr and VeRA layers compute ``x (W + dW)^T`` instead of peft's ``W x + dW x`` (the same function with
+  one full-size product each way instead of two; ``FastLoHaLinear`` and siblings below), otherwise peft's layers.
 * OFT's block size must divide the input width of every targeted layer (peft would otherwise silently shrink it
   per layer and the recorded config would no longer describe the model): the default 8 divides every width of
   Swin-T/S/B (96 * 2^k, 128 * 2^k) and of the micro test Swin (24 * 2^k); other values are checked in ``apply``.
@@ -40,6 +42,7 @@ from peft.tuners.vera.layer import Linear as PeftVeraLinear
 from torch import Tensor, nn
 
 from methods.base import MethodConfig, freeze, register_method
+from methods.lora_ops import single_plain_adapter
 
 TARGETS = ("qkv", "attn.proj", "fc1", "fc2")
 
@@ -231,22 +234,13 @@ class _DeltaWeightForward:
     """
 
     fast: bool = True
+    adapters_attr: str  # the layer attribute keyed by its adapter names
 
     def _fast_adapter(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-        layer: Any = self
-        if not self.fast or args or kwargs or layer.disable_adapters or layer.merged:
+        if not self.fast:
             return None
-        active = [a for a in layer.active_adapters if a in self._adapter_params(layer)]
-        base = layer.get_base_layer()
-        if len(active) != 1 or type(base) is not nn.Linear or getattr(layer, "fan_in_fan_out", False):
-            return None
-        if x.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            return None
-        return active[0] if self._exact(active[0]) else None
-
-    @staticmethod
-    def _adapter_params(layer: Any) -> Any:
-        raise NotImplementedError
+        a = single_plain_adapter(self, x, args, kwargs, getattr(self, self.adapters_attr))
+        return a if a is not None and self._exact(a) else None
 
     def _exact(self, adapter: str) -> bool:
         return True
@@ -267,9 +261,7 @@ class _DeltaWeightForward:
 
 
 class _LycorisDelta(_DeltaWeightForward):
-    @staticmethod
-    def _adapter_params(layer: Any) -> Any:
-        return layer._available_adapters
+    adapters_attr = "_available_adapters"
 
     def _delta(self, adapter: str) -> Tensor | None:
         layer: Any = self
@@ -291,9 +283,7 @@ class FastLoKrLinear(_LycorisDelta, PeftLoKrLinear):
 class FastVeraLinear(_DeltaWeightForward, PeftVeraLinear):
     """peft's VeRA ``Linear`` computed as ``x (W + dW)^T`` without VeRA dropout (:class:`_DeltaWeightForward`)."""
 
-    @staticmethod
-    def _adapter_params(layer: Any) -> Any:
-        return layer.vera_lambda_d
+    adapters_attr = "vera_lambda_d"
 
     def _exact(self, adapter: str) -> bool:
         drop = self.vera_dropout[adapter]

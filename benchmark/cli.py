@@ -225,28 +225,26 @@ def build_net(
         print(f"pretrained: {report}", file=sys.stderr)
     net = spec.apply(net, method_cfg)
     if activation_checkpointing is not None:
-        enable_activation_checkpointing(net, spec.name, activation_checkpointing)
+        enable_activation_checkpointing(net, spec.name, activation_checkpointing, len(model_cfg.backbone.depths))
     return net
 
 
-def enable_activation_checkpointing(net: Any, method: str, stages: str = "all") -> int:
+def enable_activation_checkpointing(net: Any, method: str, stages: str = "all", n_stages: int = 4) -> int:
     """Switch on the recomputation of block activations (``stages``: 'all', 'none' or 1-based stage numbers)
     where the method's backbone offers it (``methods.mtlora.MTLoRABackbone``); a UsageError where it does not."""
-    from methods.mtlora import MTLoRABackbone, parse_checkpoint_stages
+    from methods.mtlora import parse_checkpoint_stages, set_activation_checkpointing
 
-    found = [m for m in net.modules() if isinstance(m, MTLoRABackbone)]
-    if not found:
+    try:
+        value = parse_checkpoint_stages(stages, n_stages)
+    except ValueError as e:
+        raise UsageError(f"--activation-checkpointing: {e}") from None
+    n = set_activation_checkpointing(net, value)
+    if not n:
         raise UsageError(
             f"--activation-checkpointing: method {method!r} has no checkpointing backbone; it is available for "
             "the MTLoRA methods (mtlora, mtlora_plus)"
         )
-    try:
-        value = parse_checkpoint_stages(stages, len(found[0].layers))
-    except ValueError as e:
-        raise UsageError(f"--activation-checkpointing: {e}") from None
-    for m in found:
-        m.checkpoint = value
-    return len(found)
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:

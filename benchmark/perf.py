@@ -193,6 +193,7 @@ def build_net(entry: Entry, backbone: str, img: int) -> nn.Module:
     """The entry's model on a fresh multi-task Swin (seed 0), its trainable set as the method defines it."""
     from baselines.lora import inject
     from methods import METHODS
+    from methods.mtlora import set_activation_checkpointing
 
     method_cfg = method_config(entry)
     torch.manual_seed(0)
@@ -204,15 +205,14 @@ def build_net(entry: Entry, backbone: str, img: int) -> nn.Module:
             net = METHODS.get("decoders_only" if entry.name == "reference" else entry.name).apply(model, method_cfg)
     except ValueError as e:
         raise PerfError(f"method entry {entry.label!r}: {e}") from None
-    for attr, value in (("form", entry.form), ("checkpoint", entry.checkpoint or None)):
-        if value is None:
-            continue
-        found = [m for m in net.modules() if hasattr(m, attr)]
-        if not found:
-            what = "LoRA layers" if attr == "form" else "checkpointing backbone (MTLoRA)"
-            raise PerfError(f"method entry {entry.label!r}: _{attr} given but the method has no {what}")
-        for m in found:
-            setattr(m, attr, value)
+    if entry.form is not None:
+        layers = [m for m in net.modules() if hasattr(m, "form")]
+        if not layers:
+            raise PerfError(f"method entry {entry.label!r}: _form given but the method has no LoRA layers")
+        for m in layers:
+            m.form = entry.form
+    if entry.checkpoint and not set_activation_checkpointing(net, entry.checkpoint):
+        raise PerfError(f"method entry {entry.label!r}: _checkpoint given but the method has no MTLoRA backbone")
     return net
 
 
@@ -310,6 +310,21 @@ class Bench:
         out = self.forward()
         for t, m in self.meters.items():
             m.stats(out[t].float(), self.targets[t])
+
+
+def make_bench(entry: Entry, args: argparse.Namespace, compile: bool | None = None) -> Bench:
+    """The entry's model built and wrapped as the command line says (``compile`` overrides ``--compile``)."""
+    return Bench(
+        entry,
+        build_net(entry, args.backbone, args.img),
+        torch.device(args.device),
+        args.amp,
+        args.compile if compile is None else compile,
+        args.channels_last,
+        args.batch,
+        args.img,
+        args.backbone_only,
+    )
 
 
 def train_step_flops(bench: Bench) -> int:
@@ -429,17 +444,7 @@ def profile_step(entry: Entry, args: argparse.Namespace) -> str:
     device = torch.device(args.device)
     if device.type == "cpu" and args.malloc_tuning:
         tune_malloc()
-    bench = Bench(
-        entry,
-        build_net(entry, args.backbone, args.img),
-        device,
-        args.amp,
-        args.compile,
-        args.channels_last,
-        args.batch,
-        args.img,
-        args.backbone_only,
-    )
+    bench = make_bench(entry, args)
     for _ in range(args.warmup + 1):
         bench.train_step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -471,17 +476,7 @@ def memory_child(entry: Entry, args: argparse.Namespace) -> dict[str, int]:
         runtime = _rss_bytes()
         if not _reset_peak_rss():
             raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs); CPU memory needs Linux")
-    bench = Bench(
-        entry,
-        build_net(entry, args.backbone, args.img),
-        device,
-        args.amp,
-        False,
-        args.channels_last,
-        args.batch,
-        args.img,
-        args.backbone_only,
-    )
+    bench = make_bench(entry, args, compile=False)
     built = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss_bytes()
     for _ in range(2):  # the second step holds the optimiser state too
         bench.train_step()
@@ -619,20 +614,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     malloc_tuned = tune_malloc() if args.malloc_tuning and device.type == "cpu" else False
     print(f"[perf] building {len(entries)} models ({args.backbone}, {args.img} px)", file=sys.stderr, flush=True)
-    benches = [
-        Bench(
-            e,
-            build_net(e, args.backbone, args.img),
-            device,
-            args.amp,
-            args.compile,
-            args.channels_last,
-            args.batch,
-            args.img,
-            args.backbone_only,
-        )
-        for e in entries
-    ]
+    benches = [make_bench(e, args) for e in entries]
     results: dict[str, dict[str, Any]] = {}
     for b in benches:
         with record_forms() as forms:  # one untimed step: the LoRA forms used, and a first warm-up

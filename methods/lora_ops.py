@@ -1,4 +1,5 @@
-"""Exact fast paths for low-rank updates, shared by the ``lora`` baseline and MTLoRA (no method lives here).
+"""Exact fast paths for low-rank updates, shared by the ``lora`` baseline, the peft tuners and MTLoRA (no method
+lives here).
 
 A LoRA'd linear computes ``y = W x + b + s B A drop(x)`` with ``W`` frozen and ``A`` [r, in], ``B`` [out, r]
 trained. Three exact ways to compute it and its gradients (per token, flops beyond the frozen layer's own
@@ -22,10 +23,11 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 FORMS = ("auto", "factored", "materialised", "hybrid")
 # Above this drop probability the sparse (geometric-gap) dropout stops paying off; use PyTorch's.
@@ -106,6 +108,26 @@ def fast_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     if x.device.type != "cpu" or p > SPARSE_DROPOUT_MAX_P or x.numel() == 0:
         return F.dropout(x, p, True)
     return _SparseDropout.apply(x, p)
+
+
+# --------------------------------------------------------------------------- peft layers
+
+
+def single_plain_adapter(
+    layer: Any, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], adapters: Any
+) -> str | None:
+    """The one active adapter (a key of ``adapters``) of a peft layer over a plain ``nn.Linear``, when a faster
+    exact forward may replace peft's: no extra call arguments, adapters enabled and not merged, no fan-in-fan-out
+    weight and no input cast (peft casts ``x`` to the adapter's dtype outside autocast). Otherwise None."""
+    if args or kwargs or layer.disable_adapters or layer.merged or getattr(layer, "fan_in_fan_out", False):
+        return None
+    active = [a for a in layer.active_adapters if a in adapters]
+    base = layer.get_base_layer()
+    if len(active) != 1 or type(base) is not nn.Linear:
+        return None
+    if x.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return None
+    return active[0]
 
 
 # --------------------------------------------------------------------------- the three exact forms

@@ -607,6 +607,14 @@ def parse_checkpoint_stages(text: str, n_stages: int = 4) -> bool | frozenset[in
     return frozenset(int(p) - 1 for p in parts)
 
 
+def set_activation_checkpointing(net: nn.Module, stages: bool | frozenset[int]) -> int:
+    """Set :attr:`MTLoRABackbone.checkpoint` on every MTLoRA backbone in ``net``; returns how many there are."""
+    found = [m for m in net.modules() if isinstance(m, MTLoRABackbone)]
+    for m in found:
+        m.checkpoint = stages
+    return len(found)
+
+
 class MTLoRABackbone(nn.Module):
     """The frozen timm Swin of a ``SwinBackbone`` with MTLoRA layers; ``forward`` gives {task: 4 NCHW features}.
 
