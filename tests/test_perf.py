@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
+import methods.mtlora as mtlora_mod
 from baselines.lora import FastLoraLinear, LoRAConfig, inject, peft_config, set_lora_form
 from benchmark import perf
 from benchmark.model import MultiTaskModel, model_config_for
@@ -60,7 +62,7 @@ def test_profile_prints_the_operators_of_one_train_step(capsys: pytest.CaptureFi
 def test_checkpoint_stages_parse_and_bad_values_are_errors() -> None:
     assert parse_checkpoint_stages("all") is True and parse_checkpoint_stages("none") is False
     assert parse_checkpoint_stages("1") == frozenset({0}) and parse_checkpoint_stages("2+4") == frozenset({1, 3})
-    for bad in ("0", "5", "first", "1,,x"):
+    for bad in ("0", "5", "first", "1,,x", "tasks"):
         with pytest.raises(ValueError, match="stage numbers 1-4"):
             parse_checkpoint_stages(bad)
 
@@ -516,3 +518,37 @@ def test_mtlora_checkpointing_gives_the_same_outputs_and_gradients(stages: str) 
     floor = 1e-6 * max(float(g.abs().max()) for g in g0.values())
     for n in g0:
         assert float((g1[n] - g0[n]).abs().max()) <= 1e-5 * float(g0[n].abs().max()) + floor, n
+
+
+# (stages, the stages whose task region is recomputed, how many plain blocks are recomputed)
+CHECKPOINT_CASES = [("none", [], 0), ("1", [0], 0), ("3", [2], 1), ("2+4", [1, 3], 0), ("all", [0, 1, 2, 3], 1)]
+
+
+@pytest.mark.parametrize(("stages", "task_again", "plain_again"), CHECKPOINT_CASES)
+def test_checkpointing_recomputes_exactly_the_chosen_regions(monkeypatch, stages, task_again, plain_again) -> None:
+    # forward + backward: a checkpointed block runs its forward a second time, any other block only once; a task
+    # block is recomputed with the merging of its task streams (one region: the streams between are not kept)
+    # swin_micro has depths 1, 1, 2, 1: a task block (the last) per stage and one plain block, in stage 3.
+    spec = METHODS.get("mtlora")
+    net = spec.apply(_model(), apply_overrides(spec.default_config(), ["shared_rank=[4,4,4,4]"])).train()
+    assert [len(layer.blocks) for layer in net.backbone.layers] == [1, 1, 2, 1]
+    net.backbone.checkpoint = parse_checkpoint_stages(stages)
+    stage_of = {id(b): i for i, layer in enumerate(net.backbone.layers) for b in layer.blocks}
+    calls: dict[str, list[int]] = {"task": [], "plain": []}
+    task_block, plain_forward = mtlora_mod._task_block_forward, SwinTransformerBlock.forward
+
+    def counted_task(blk, *args):
+        calls["task"].append(stage_of[id(blk)])
+        return task_block(blk, *args)
+
+    def counted_plain(blk, *args):
+        calls["plain"].append(stage_of[id(blk)])
+        return plain_forward(blk, *args)
+
+    monkeypatch.setattr(mtlora_mod, "_task_block_forward", counted_task)
+    monkeypatch.setattr(SwinTransformerBlock, "forward", counted_plain)
+    out = net(torch.randn(2, 3, 64, 64))
+    assert sorted(calls["task"]) == [0, 1, 2, 3] and calls["plain"] == [2]
+    sum(o.square().mean() for o in out.values()).backward()
+    assert sorted(calls["task"]) == sorted([0, 1, 2, 3] + task_again)
+    assert calls["plain"] == [2] * (1 + plain_again)
