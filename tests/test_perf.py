@@ -526,8 +526,8 @@ CHECKPOINT_CASES = [("none", [], 0), ("1", [0], 0), ("3", [2], 1), ("2+4", [1, 3
 
 @pytest.mark.parametrize(("stages", "task_again", "plain_again"), CHECKPOINT_CASES)
 def test_checkpointing_recomputes_exactly_the_chosen_regions(monkeypatch, stages, task_again, plain_again) -> None:
-    # forward + backward: a checkpointed block runs its forward a second time, any other block only once; a task
-    # block is recomputed with the merging of its task streams (one region: the streams between are not kept)
+    # forward + backward: a checkpointed block runs its forward a second time, any other block only once (a task
+    # block is recomputed with the merging of its task streams, one region; what that saves is measured by perf)
     # swin_micro has depths 1, 1, 2, 1: a task block (the last) per stage and one plain block, in stage 3.
     spec = METHODS.get("mtlora")
     net = spec.apply(_model(), apply_overrides(spec.default_config(), ["shared_rank=[4,4,4,4]"])).train()
