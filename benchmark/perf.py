@@ -24,6 +24,8 @@ the order rotating), warm-up rounds dropped, medians over the remaining rounds:
 - evaluation images/s (eval mode, no gradients, forward + the protocol's meters' ``stats``) and forward-only
   images/s, both with LoRA-family updates merged into the weights (``methods.base.merge_for_eval``), plus the
   unmerged forward;
+- the meters alone: milliseconds per batch each task's meter takes for its ``stats`` on the reference's outputs
+  (``meters_ms``), what evaluation adds to the forward for every method alike;
 - peak memory, each method in a fresh subprocess (two train steps): CUDA max allocated on a GPU; on the CPU the
   peak resident set size above the bare runtime's (``peak_mem_bytes``: weights, optimiser state, gradients,
   activations and what malloc keeps cached) and, beside it, the peak of live tensor bytes over a third step from
@@ -325,6 +327,23 @@ def make_bench(entry: Entry, args: argparse.Namespace, compile: bool | None = No
         args.img,
         args.backbone_only,
     )
+
+
+def meter_times(bench: Bench, rounds: int) -> dict[str, float]:
+    """Median milliseconds per batch of each task's meter ``stats`` on ``bench``'s eval outputs (one warm-up call
+    each): the part of an evaluation step that does not depend on the method."""
+    out = bench.forward()
+    times: dict[str, float] = {}
+    for t, meter in bench.meters.items():
+        pred = out[t].float()
+        meter.stats(pred, bench.targets[t])
+        samples = []
+        for _ in range(max(rounds, 1)):
+            start = time.perf_counter()
+            meter.stats(pred, bench.targets[t])
+            samples.append(time.perf_counter() - start)
+        times[t] = 1000.0 * _median(samples)
+    return times
 
 
 def train_step_flops(bench: Bench) -> int:
@@ -642,6 +661,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fwd = interleaved(benches, Bench.forward, args.steps, 1, "forward (merged)", merged)
     evl = {} if args.backbone_only else interleaved(benches, Bench.eval_step, args.steps, 1, "eval (merged)", merged)
     raw = interleaved(benches, Bench.forward, args.steps, 1, "forward (unmerged)")
+    reference = next(b for b in benches if b.entry.label == "reference")  # parse_methods adds it when missing
+    meters_ms = None if args.backbone_only else meter_times(reference, args.steps)
     for b in benches:
         r = results[b.entry.label]
         r["step_s"] = _median(steps[b.entry.label])
@@ -699,6 +720,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(device, args.threads),
         "methods": results,
         "pairs": pairs,
+        "meters_ms": meters_ms,
         "data": data,
     }
 
@@ -763,6 +785,11 @@ def markdown(result: dict[str, Any]) -> str:
         for p in result["pairs"]:
             mem = f", peak memory x{p['mem_ratio']:.2f}" if "mem_ratio" in p else ""
             lines.append(f"- `{p['a']}` / `{p['b']}`: step x{p['step_ratio']:.2f}{mem}")
+    meters = result.get("meters_ms")
+    if meters:
+        each = ", ".join(f"{t} {ms:.1f}" for t, ms in meters.items())
+        lines += ["", f"Meters alone (ms per batch of {cfg['batch']}, the same for every method): {each}; "
+                  f"total {sum(meters.values()):.1f}"]  # fmt: skip
     d = result.get("data")
     if d:
         lines += [

@@ -119,6 +119,8 @@ def test_perf_runs_two_steps_and_writes_json_and_markdown(tmp_path: Path, capsys
     assert result["config"]["img"] == 64 and result["machine"]["torch"] == torch.__version__
     assert "| method | trainable | step s | x ref | x full_ft | GFLOP | FLOP x full_ft |" in text
     assert "Data pipeline" in text
+    assert list(result["meters_ms"]) == list(TASKS) and all(ms > 0 for ms in result["meters_ms"].values())
+    assert "Meters alone (ms per batch of 2" in text
     for label in labels:
         r = result["methods"][label]
         assert math.isclose(r["flops_vs_full_ft"], r["step_flops"] / result["methods"]["full_ft"]["step_flops"])
