@@ -231,20 +231,36 @@ def build_net(
 
 def enable_activation_checkpointing(net: Any, method: str, stages: str = "all", n_stages: int = 4) -> int:
     """Switch on the recomputation of block activations (``stages``: 'all', 'none' or 1-based stage numbers)
-    where the method's backbone offers it (``methods.mtlora.MTLoRABackbone``); a UsageError where it does not."""
-    from methods.mtlora import parse_checkpoint_stages, set_activation_checkpointing
+    where the method's backbone offers it (``methods.mtlora.MTLoRABackbone``); a UsageError where it does not
+    ('none' is accepted for every method)."""
+    from methods.mtlora import set_activation_checkpointing
 
-    try:
-        value = parse_checkpoint_stages(stages, n_stages)
-    except ValueError as e:
-        raise UsageError(f"--activation-checkpointing: {e}") from None
+    value = checkpoint_stages(stages, n_stages)
+    if not value:
+        return 0  # 'none': nothing to switch on, whatever the method
     n = set_activation_checkpointing(net, value)
     if not n:
-        raise UsageError(
-            f"--activation-checkpointing: method {method!r} has no checkpointing backbone; it is available for "
-            "the MTLoRA methods (mtlora, mtlora_plus)"
-        )
+        raise UsageError(f"--activation-checkpointing: {_no_checkpointing(method)}")
     return n
+
+
+def checkpoint_stages(stages: str | None, n_stages: int) -> bool | frozenset[int]:
+    """``--activation-checkpointing`` parsed (False when absent); a bad value is a UsageError."""
+    from methods.mtlora import parse_checkpoint_stages
+
+    if stages is None:
+        return False
+    try:
+        return parse_checkpoint_stages(stages, n_stages)
+    except ValueError as e:
+        raise UsageError(f"--activation-checkpointing: {e}") from None
+
+
+def _no_checkpointing(method: str) -> str:
+    return (
+        f"method {method!r} has no checkpointing backbone; it is available for the MTLoRA methods "
+        "(mtlora, mtlora_plus)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,7 +329,14 @@ def _main(args: argparse.Namespace) -> int:
         configs = list({(p.method, p.overrides): p for p in grid}.values())
         return _dry_run_all(args, configs, settings, protocol)
     if args.executor or args.sweep_dry_run or len(grid) > 1:
-        _model_config(settings, protocol)  # fails here on a bad --image-size, not in every job
+        model_cfg = _model_config(settings, protocol)  # fails here on a bad --image-size, not in every job
+        if checkpoint_stages(args.activation_checkpointing, len(model_cfg.backbone.depths)):
+            from methods.mtlora import MTLoRAConfig
+
+            # checked here: every job would otherwise start and the other methods' jobs fail one by one
+            for method in dict.fromkeys(p.method for p in grid):
+                if not isinstance(METHODS.get(method).default_config(), MTLoRAConfig):
+                    raise UsageError(f"--activation-checkpointing: {_no_checkpointing(method)}")
         if args.eval_only or args.checkpoint is not None:
             raise UsageError("--eval-only / --checkpoint evaluate one checkpoint: give one method, config and seed")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -520,7 +543,7 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
     status = "debug" if settings.debug else "success"
     if settings.debug:
         notes.append(f"preset {settings.preset} / shortened schedule: not the protocol, never tabled")
-    if args.activation_checkpointing not in (None, "none"):
+    if checkpoint_stages(args.activation_checkpointing, len(model_cfg.backbone.depths)):
         notes.append(
             f"activation checkpointing ({args.activation_checkpointing}): block activations recomputed in backward "
             "(cost figures include it)"

@@ -185,3 +185,10 @@ def test_bad_input_is_a_clear_error(args, expected, tmp_path, capsys):
     assert code == 2, err
     assert expected in err
     assert not (tmp_path / "wd" / "result.json").exists()
+
+
+def test_activation_checkpointing_none_is_accepted_for_any_method(capsys):
+    from benchmark.cli import main
+
+    # 'none' switches nothing on, so a method without a checkpointing backbone takes it
+    assert main(["--method", "lora", "--activation-checkpointing", "none", "--dry-run"]) == 0, capsys.readouterr().err

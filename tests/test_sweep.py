@@ -140,6 +140,9 @@ def test_slurm_parameters_defaults():
         (["--gpus-per-job", "-1"], "--gpus-per-job -1: expected 0 or more"),
         (["--eval-only", "--checkpoint", "x.pth"], "--eval-only / --checkpoint evaluate one checkpoint"),
         (["--preset", "paper"], "--data DIR is required"),
+        # lora cannot checkpoint: refused before any job starts, not as a failed job in the middle of the sweep
+        (["--activation-checkpointing", "1"], "--activation-checkpointing: method 'lora' has no checkpointing"),
+        (["--activation-checkpointing", "9"], "stage numbers 1-4"),
     ],
 )
 def test_bad_sweep_arguments(extra, expected, tmp_path, capsys):
@@ -256,3 +259,9 @@ def test_sweep_flags_are_documented():
         assert flag in text
     assert "applies to those that have the field" in " ".join(text.split())
     assert build_parser().parse_args(["--set", "a=1", "--set", "b=2"]).set == ["a=1", "b=2"]
+
+
+def test_sweep_of_mtlora_methods_takes_activation_checkpointing(tmp_path, capsys):
+    code = main(["--method", "mtlora", "mtlora_plus", "--preset", "tiny", "--activation-checkpointing", "1",
+                 "--work-dir", str(tmp_path / "s"), "--sweep-dry-run"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
