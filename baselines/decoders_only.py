@@ -23,6 +23,8 @@ class DecodersOnlyConfig(MethodConfig):
     config=DecodersOnlyConfig,
     paper="MTL decoders-only baseline (MTLoRA Table 1)",
     identity_at_init=True,
+    configuration="frozen Swin, the four decoders train",
+    reproduces="MTLoRA Table 1 'MTL - tuning decoders only': 1,946,624 by the official code",
 )
 def apply(model: nn.Module, cfg: DecodersOnlyConfig) -> nn.Module:
     freeze(model.backbone)

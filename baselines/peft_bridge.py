@@ -41,7 +41,7 @@ from peft.tuners.lokr.layer import Linear as PeftLoKrLinear
 from peft.tuners.vera.layer import Linear as PeftVeraLinear
 from torch import Tensor, nn
 
-from methods.base import MethodConfig, freeze, register_method
+from methods.base import MethodConfig, freeze, register_method, tune_per_task
 from methods.lora_ops import single_plain_adapter
 
 TARGETS = ("qkv", "attn.proj", "fc1", "fc2")
@@ -212,6 +212,7 @@ class PeftTunerConfig(MethodConfig):
 
 def _make_config(t: Tuner) -> type[MethodConfig]:
     fields = [(f.name, f.type, field(default=f.default, metadata={"help": f.help})) for f in t.fields]
+    fields.append(("per_task", bool, field(default=False, metadata={"help": "each task its own copy"})))
     cls = dataclasses.make_dataclass(t.config_name, fields, bases=(PeftTunerConfig,), frozen=True)
     cls.__module__ = __name__
     cls.__doc__ = f"Settings of {t.name}; each field feeds peft's {t.peft_config.__name__}."
@@ -333,6 +334,8 @@ def _make_apply(t: Tuner) -> Callable[[nn.Module, Any], nn.Module]:
         kwargs = {f.peft: _peft_value(getattr(cfg, f.name)) for f in t.fields}
         _inject(t.peft_config(**kwargs, **t.fixed), model.backbone)
         use_fast_layers(model.backbone)
+        if cfg.per_task:
+            tune_per_task(model)
         for p in model.decoders.parameters():
             p.requires_grad_(True)
         return model
@@ -352,4 +355,7 @@ for _t in TUNERS:
         adapter_markers=_t.markers,
         identity_at_init=True,
         description=_t.description,
+        configuration="the field defaults below, one adapter shared by all tasks: this harness's choice; "
+        "per-task copies: per_task=true",
+        reproduces="none: not a row of MTLoRA Table 1",
     )(_make_apply(_t))

@@ -152,6 +152,8 @@ def _print_list(as_json: bool) -> None:
                 "name": name,
                 "paper": spec.paper,
                 "description": spec.description,
+                "configuration": spec.configuration,
+                "reproduces": spec.reproduces,
                 "fields": [{"name": n, "type": t, "default": d} for n, t, d in spec.fields()],
             }
         )
@@ -162,6 +164,10 @@ def _print_list(as_json: bool) -> None:
         print(f"{r['name']}  ({r['paper']})")
         if r["description"]:
             print(f"    {r['description']}")
+        if r["configuration"]:
+            print(f"    configuration: {r['configuration']}")
+        if r["reproduces"]:
+            print(f"    reproduces: {r['reproduces']}")
         for f in r["fields"]:
             print(f"    --set {f['name']}=...  [{f['type']}]  default {json.dumps(f['default'], default=str)}")
 

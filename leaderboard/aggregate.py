@@ -17,7 +17,7 @@ import pandas as pd
 
 from benchmark.protocol import Protocol, delta_m, get_reference
 from benchmark.results import config_slug
-from leaderboard.data import KnownInconsistency, PublishedRow
+from leaderboard.data import ALL_TRAINABLE, ENCODER_SIDE, KnownInconsistency, PublishedRow
 from leaderboard.runs import Run
 
 # Printed Δm has 2 decimals and is computed from per-task values that are themselves printed with 2
@@ -50,6 +50,15 @@ def delta_m_mismatch(row: PublishedRow, protocol: Protocol) -> float:
     return abs(row.delta_m_printed - row_delta_m(row, protocol))
 
 
+def encoder_side(params: Mapping[str, int]) -> int:
+    """The encoder-side count of a result's breakdown: its trainable backbone parameters, decoders excluded.
+
+    ``benchmark.params`` defines ``other_trainable_backbone`` as trainable - adapter - trainable decoders, so
+    adapter + other_trainable_backbone is exactly the trainable parameters outside the decoders.
+    """
+    return int(params["adapter"]) + int(params["other_trainable_backbone"])
+
+
 def reproduced_frame(runs: Sequence[Run], protocol: Protocol) -> pd.DataFrame:
     """Successful runs of ``protocol`` grouped over seeds: one row per (method, config, preset, selection)."""
     tasks = protocol.task_names
@@ -67,6 +76,7 @@ def reproduced_frame(runs: Sequence[Run], protocol: Protocol) -> pd.DataFrame:
             "run_id": r.run_id,
             "seeds": "-".join(str(s) for s in r.data["seeds"]),
             "trainable": r.data["params"]["trainable"],
+            "encoder": encoder_side(r.data["params"]),
             "img_s": _num(cost.get("train_images_per_s")),
             "mem_gib": _num(cost.get("peak_mem_bytes")) / GIB,
         }
@@ -84,6 +94,8 @@ def reproduced_frame(runs: Sequence[Run], protocol: Protocol) -> pd.DataFrame:
         run_ids=("run_id", lambda s: list(s)),
         params_min=("trainable", "min"),
         params_max=("trainable", "max"),
+        encoder_min=("encoder", "min"),
+        encoder_max=("encoder", "max"),
         img_s=("img_s", "mean"),
         mem_gib=("mem_gib", "mean"),
     ).reset_index()
@@ -110,8 +122,12 @@ def reproduced_frame(runs: Sequence[Run], protocol: Protocol) -> pd.DataFrame:
                 "delta_m": delta_m({t: rec[t] for t in tasks}, ref.values, protocol.tasks),
                 "delta_m_printed": math.nan,
                 "mismatch": "",
+                "params_policy": ALL_TRAINABLE,
                 "params_m": rec["params_min"] / 1e6,
                 "params_m_max": rec["params_max"] / 1e6,
+                "params_printed": math.nan,
+                "encoder_m": rec["encoder_min"] / 1e6,
+                "encoder_m_max": rec["encoder_max"] / 1e6,
                 "selection": rec["selection"],
                 "preset": rec["preset"],
                 "img_s": float(rec["img_s"]),
@@ -138,6 +154,7 @@ def published_frame(
         notes = [row.notes] if row.notes else []
         if row.reference != protocol.reference:
             notes.append(f"the printed Δm was computed against {row.reference!r}")
+        printed = math.nan if row.params_m_printed is None else row.params_m_printed
         mismatch = ""
         if delta_m_mismatch(row, protocol) > DELTA_M_ROUNDING_TOL:
             mismatch = known[row.id].reason if row.id in known else "not listed as a known inconsistency"
@@ -157,9 +174,13 @@ def published_frame(
                 "delta_m": row_delta_m(row, protocol, protocol.reference),
                 "delta_m_printed": row.delta_m_printed,
                 "mismatch": mismatch,
-                "params_m": math.nan if row.params_m_printed is None else row.params_m_printed,
-                "params_m_max": math.nan if row.params_m_printed is None else row.params_m_printed,
-                "selection": "",
+                "params_policy": row.params_policy,
+                "params_m": printed if row.params_policy == ALL_TRAINABLE else math.nan,
+                "params_m_max": printed if row.params_policy == ALL_TRAINABLE else math.nan,
+                "encoder_m": printed if row.params_policy == ENCODER_SIDE else math.nan,
+                "encoder_m_max": printed if row.params_policy == ENCODER_SIDE else math.nan,
+                "params_printed": printed,
+                "selection": row.selection,
                 "preset": "",
                 "img_s": math.nan,
                 "mem_gib": math.nan,
@@ -199,7 +220,8 @@ def frame_columns(protocol: Protocol) -> list[str]:
     return [
         "kind", "source", "id", "method", "label", "config_json", "config_text",
         *tasks, *(f"{t}_std" for t in tasks),
-        "n_seeds", "seeds", "delta_m", "delta_m_printed", "mismatch", "params_m", "params_m_max",
+        "n_seeds", "seeds", "delta_m", "delta_m_printed", "mismatch",
+        "params_policy", "params_m", "params_m_max", "encoder_m", "encoder_m_max", "params_printed",
         "selection", "preset", "img_s", "mem_gib", "verified", "init", "init_differs", "notes", "run_ids",
     ]  # fmt: skip
 

@@ -9,6 +9,10 @@
 3. ``params``: the harness reproduces the expected parameter counts (``expected_params.csv``) at the
    paper preset; measured by running ``python -m benchmark.cli --dry-run --json`` per config in a
    subprocess, so the leaderboard itself never imports torch.
+   ``published-params``: every published row whose method the harness registers (asked of
+   ``python -m benchmark.cli --list --json``, so a newly registered method is checked without any edit here)
+   prints the count the harness gives its configuration, under the row's counting policy, rounded as
+   printed; rows listed in ``known_inconsistencies.csv`` (field ``params_m_printed``) must still differ.
 4. ``tolerance``: committed results of a method with a *verified* published row lie within a band
    around it (``TOLERANCE_POINTS`` per metric in table units, widened to 2·std when several seeds exist).
 5. ``stale``: the committed LEADERBOARD.md equals a fresh build.
@@ -31,17 +35,22 @@ from leaderboard.aggregate import (
     DELTA_M_ROUNDING_TOL,
     canonical_config,
     delta_m_mismatch,
+    encoder_side,
     reproduced_frame,
     row_delta_m,
 )
 from leaderboard.build import collect
 from leaderboard.data import (
+    ALL_TRAINABLE,
+    ENCODER_SIDE,
     PARAM_FIELDS,
+    PARAM_POLICIES,
     ExpectedParams,
     KnownInconsistency,
     PublishedRow,
     load_expected_params,
     load_known_inconsistencies,
+    load_known_param_inconsistencies,
     load_published,
 )
 from leaderboard.errors import LeaderboardError
@@ -54,6 +63,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE_POINTS = 0.5
 TOLERANCE_STD_FACTOR = 2.0  # with several seeds, the band is max(TOLERANCE_POINTS, 2·std)
 PARAM_PROBE_TIMEOUT_S = 600.0
+# A count printed in millions with 2 decimals is the exact count rounded: |count / 1e6 - printed| <= 0.005.
+# The 1e-9 absorbs the binary representation of the printed decimal (a float64 of ~10 carries ~1e-15 error).
+PARAMS_PRINTED_TOL = 0.005 + 1e-9
 DIFF_HEAD_LINES = 40
 STDERR_TAIL_CHARS = 2000
 
@@ -259,6 +271,106 @@ def check_param_counts(
         report.passed.append(f"params: {len(expected)} (method, config) count(s) match expected_params.csv")
 
 
+def caching_runner(runner: CommandRunner) -> CommandRunner:
+    """``runner`` that runs each distinct command once (the parameter checks probe some configs twice)."""
+    memo: dict[tuple[str, ...], CommandOutput] = {}
+
+    def run(argv: Sequence[str], timeout: float) -> CommandOutput:
+        key = tuple(argv)
+        if key not in memo:
+            memo[key] = runner(argv, timeout)
+        return memo[key]
+
+    return run
+
+
+def registered_methods(runner: CommandRunner, timeout: float = PARAM_PROBE_TIMEOUT_S) -> set[str]:
+    """The method names the harness registers, from ``python -m benchmark.cli --list --json`` (torch stays out of
+    this process); a LeaderboardError when the listing fails."""
+    argv = [sys.executable, "-m", "benchmark.cli", "--list", "--json"]
+    out = runner(argv, timeout)
+    try:
+        listed = json.loads(out.stdout) if out.returncode == 0 else None
+    except json.JSONDecodeError:
+        listed = None
+    if not isinstance(listed, list) or not all(isinstance(m, dict) and "name" in m for m in listed):
+        tail = (out.stderr or out.stdout)[-STDERR_TAIL_CHARS:].rstrip()
+        raise LeaderboardError(f"`{' '.join(argv[1:])}` gave no method list (exit {out.returncode}):\n{tail}")
+    return {m["name"] for m in listed}
+
+
+def _count_under(params: Mapping[str, Any], policy: str) -> int:
+    return int(params["trainable"]) if policy == ALL_TRAINABLE else encoder_side(params)
+
+
+def check_published_params(
+    rows: Sequence[PublishedRow],
+    known: Mapping[str, KnownInconsistency],
+    report: CheckReport,
+    runner: CommandRunner = run_command,
+    timeout: float = PARAM_PROBE_TIMEOUT_S,
+) -> None:
+    """Printed parameter counts of published rows against the harness's count of the same method and config.
+
+    Data-driven: a row is probed when its method is registered (``registered_methods``), its count is printed and
+    its policy is one the harness can count (``all-trainable``: ``trainable``; ``encoder-side``: the trainable
+    parameters outside the decoders). Rows of methods the harness does not have are listed, not failed.
+    """
+    n_bad = report.count("published-params")
+    try:
+        names = registered_methods(runner, timeout)
+    except LeaderboardError as e:
+        report.fail("published-params", str(e))
+        return
+    matched, absent, uncounted, still_known = [], set(), [], []
+    for row in rows:
+        if row.params_m_printed is None or row.params_policy not in (ALL_TRAINABLE, ENCODER_SIDE):
+            uncounted.append(row.id)
+            continue
+        if row.method not in names:
+            absent.add(row.method)
+            continue
+        exp = ExpectedParams(row.method, row.config, "paper")
+        argv = param_probe_argv(exp)
+        where = f"{row.file}, row {row.row} ({row.id}, {row.label})"
+        out = runner(argv, timeout)
+        obj = _parse_json_stdout(out.stdout) if out.returncode == 0 else None
+        params = obj.get("params") if obj else None
+        if not isinstance(params, dict) or not all(isinstance(params.get(k), int) for k in PARAM_FIELDS):
+            tail = (out.stderr or out.stdout)[-STDERR_TAIL_CHARS:].rstrip()
+            report.fail("published-params", f"{where}: `{' '.join(argv[1:])}` gave no parameter counts:\n{tail}")
+            continue
+        count = _count_under(params, row.params_policy)
+        gap = abs(count / 1e6 - row.params_m_printed)
+        what = f"printed {row.params_m_printed:.2f}M ({PARAM_POLICIES[row.params_policy]})"
+        if row.id in known:
+            if gap <= PARAMS_PRINTED_TOL:
+                report.fail(
+                    "published-params",
+                    f"{where}: listed in known_inconsistencies.csv (params_m_printed) but {what} now matches the "
+                    f"harness's {count:,}; remove the listing",
+                )
+            else:
+                still_known.append(row.id)
+        elif gap > PARAMS_PRINTED_TOL:
+            report.fail(
+                "published-params",
+                f"{where}: {what}, but `{' '.join(argv[1:])}` counts {count:,} ({count / 1e6:.2f}M) for its config "
+                f"{canonical_config(row.config)}; fix the row's config or count, or list it in known_inconsistencies.csv",
+            )
+        else:
+            matched.append(row.id)
+    if report.count("published-params") == n_bad:
+        line = f"published-params: {len(matched)} published count(s) equal the harness's count of their config"
+        if still_known:
+            line += f"; known inconsistencies still inconsistent: {', '.join(still_known)}"
+        if absent:
+            line += f"; methods not in the harness (not checked): {', '.join(sorted(absent))}"
+        if uncounted:
+            line += f"; no count under a known policy: {', '.join(uncounted)}"
+        report.passed.append(line)
+
+
 # --------------------------------------------------------------------------- 4. tolerance band
 
 
@@ -353,6 +465,7 @@ def run_checks(
 ) -> CheckReport:
     """Every check; bad published data raises ``PublishedDataError`` (it is input, not a regression)."""
     report = CheckReport()
+    runner = caching_runner(runner)
     loaded = load_results(results_paths)
     check_results(loaded, report, results_paths)
     known = load_known_inconsistencies(data_dir)
@@ -364,11 +477,15 @@ def run_checks(
         if rows:
             check_published_delta_m(rows, protocol, known, report)
         check_tolerance(loaded.runs, rows, protocol, report, tol)
+    known_params = load_known_param_inconsistencies(data_dir)
     ids = {r.id for r in all_rows}
     for kid in sorted(set(known) - ids):
         report.fail("published-delta-m", f"known_inconsistencies.csv lists {kid!r}, which is no published row id")
+    for kid in sorted(set(known_params) - ids):
+        report.fail("published-params", f"known_inconsistencies.csv lists {kid!r}, which is no published row id")
     if not skip_params:
         check_param_counts(load_expected_params(data_dir), report, runner)
+        check_published_params(all_rows, known_params, report, runner)
     if leaderboard_path is not None:
         valid = LoadedResults(runs=loaded.runs, skipped=loaded.skipped, files=loaded.files)
         try:

@@ -7,8 +7,15 @@ Files (one row per record, UTF-8, header first):
 - ``<protocol>.fragments.csv``: unverified fragments (Δm / parameters only). Shown in LEADERBOARD.md,
   never plotted, never checked;
 - ``known_inconsistencies.csv``: published rows whose printed Δm is known not to match their own
-  per-task values, with the reason (``leaderboard check`` tolerates those, and only those);
+  per-task values, or whose printed parameter count is known not to match the harness's count of the
+  same configuration, with the reason (``leaderboard check`` tolerates those, and only those);
 - ``expected_params.csv``: exact parameter counts the harness must reproduce at a given config.
+
+Every published row and fragment names the policy its parameter count was made under (``params_policy``, one of
+``PARAM_POLICIES``): the official MTLoRA code's rule counts every trainable parameter, decoders included
+(``all-trainable``); later papers (DiTASK, VMT-Adapter) count the encoder side only, without the decoders
+(``encoder-side``); ``unstated`` where the source does not say. Rows also record the checkpoint selection rule
+their source used, where known (``selection``).
 
 A missing column, an empty required cell or a value of the wrong type is a ``PublishedDataError``
 naming the file, the row (the line number in the file: the header is row 1) and the column.
@@ -32,6 +39,16 @@ KNOWN_INCONSISTENCIES_FILE = "known_inconsistencies.csv"
 EXPECTED_PARAMS_FILE = "expected_params.csv"
 _EXTRA = "__extra_fields__"  # DictReader key for fields beyond the header
 PARAM_FIELDS = ("trainable", "decoders", "adapter", "other_trainable_backbone", "total")
+# counting policies of a trainable-parameter count, and how tables name them
+ALL_TRAINABLE = "all-trainable"
+ENCODER_SIDE = "encoder-side"
+UNSTATED = "unstated"
+PARAM_POLICIES = {
+    ALL_TRAINABLE: "all trainable, decoders included",
+    ENCODER_SIDE: "encoder-side only",
+    UNSTATED: "not stated by the source",
+}
+INCONSISTENCY_FIELDS = ("delta_m_printed", "params_m_printed")
 
 
 @dataclass(frozen=True)
@@ -52,12 +69,14 @@ class PublishedRow:
     metrics: dict[str, float]  # task name -> value in table units
     delta_m_printed: float
     params_m_printed: float | None  # None: not reported
+    params_policy: str  # one of PARAM_POLICIES: how params_m_printed was counted
     backbone: str
     init: str
     image_size: int
     reference: str  # key of benchmark.protocol.REFERENCES that the printed Δm was computed against
     verified: bool  # False: secondary quote, not checked against the PDF yet
     notes: str
+    selection: str = ""  # the checkpoint selection rule the source used ("" where unknown)
     file: str = ""
     row: int = 0
 
@@ -72,12 +91,13 @@ class Fragment:
     params_m_printed: float | None
     claimed_source: str
     notes: str
+    params_policy: str = UNSTATED
 
 
 @dataclass(frozen=True)
 class KnownInconsistency:
     id: str  # PublishedRow.id
-    field: str  # only "delta_m_printed" for now
+    field: str  # one of INCONSISTENCY_FIELDS
     reason: str
 
 
@@ -164,6 +184,14 @@ def _bool(path: Path, n: int, col: str, text: str) -> bool:
     raise PublishedDataError(f"{path}, row {n}, column {col!r}: expected true or false, got {text!r}")
 
 
+def _policy(path: Path, n: int, text: str) -> str:
+    if text not in PARAM_POLICIES:
+        raise PublishedDataError(
+            f"{path}, row {n}, column 'params_policy': expected one of {', '.join(PARAM_POLICIES)}, got {text!r}"
+        )
+    return text
+
+
 def _config(path: Path, n: int, col: str, text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -177,8 +205,11 @@ def _config(path: Path, n: int, col: str, text: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- loaders
 
 _ROW_META = ("id", "protocol_version", "paper", "venue", "source", "table", "method", "label", "variant", "config")
-_ROW_TAIL = ("delta_m_printed", "params_m_printed", "backbone", "init", "image_size", "reference", "verified", "notes")
-_ROW_OPTIONAL = ("paper", "venue", "table", "variant", "params_m_printed", "notes")
+_ROW_TAIL = (
+    "delta_m_printed", "params_m_printed", "params_policy", "backbone", "init", "image_size", "reference",
+    "selection", "verified", "notes",
+)  # fmt: skip
+_ROW_OPTIONAL = ("paper", "venue", "table", "variant", "params_m_printed", "selection", "notes")
 
 
 def published_path(protocol: Protocol, data_dir: Path | None = None) -> Path:
@@ -222,12 +253,14 @@ def load_published(protocol: Protocol, data_dir: Path | None = None) -> list[Pub
                 metrics={t: _float(path, n, t, r[t]) for t in protocol.task_names},
                 delta_m_printed=_float(path, n, "delta_m_printed", r["delta_m_printed"]),
                 params_m_printed=_float(path, n, "params_m_printed", r["params_m_printed"], allow_empty=True),
+                params_policy=_policy(path, n, r["params_policy"]),
                 backbone=r["backbone"],
                 init=r["init"],
                 image_size=_int(path, n, "image_size", r["image_size"]),
                 reference=r["reference"],
                 verified=_bool(path, n, "verified", r["verified"]),
                 notes=r["notes"],
+                selection=r["selection"],
                 file=str(path),
                 row=n,
             )
@@ -242,7 +275,7 @@ def load_fragments(protocol: Protocol, data_dir: Path | None = None) -> list[Fra
         return []
     rows = _read_rows(
         path,
-        ("method", "label", "claimed_source"),
+        ("method", "label", "params_policy", "claimed_source"),
         ("delta_m_printed", "params_m_printed", "notes"),
     )
     return [
@@ -253,26 +286,37 @@ def load_fragments(protocol: Protocol, data_dir: Path | None = None) -> list[Fra
             params_m_printed=_float(path, n, "params_m_printed", r["params_m_printed"], allow_empty=True),
             claimed_source=r["claimed_source"],
             notes=r["notes"],
+            params_policy=_policy(path, n, r["params_policy"]),
         )
         for n, r in rows
     ]
 
 
 def load_known_inconsistencies(data_dir: Path | None = None) -> dict[str, KnownInconsistency]:
-    """Known inconsistencies keyed by published row id."""
+    """Known Δm inconsistencies (``field`` delta_m_printed) keyed by published row id."""
+    return {k.id: k for k in _load_inconsistencies(data_dir) if k.field == "delta_m_printed"}
+
+
+def load_known_param_inconsistencies(data_dir: Path | None = None) -> dict[str, KnownInconsistency]:
+    """Known parameter-count inconsistencies (``field`` params_m_printed) keyed by published row id."""
+    return {k.id: k for k in _load_inconsistencies(data_dir) if k.field == "params_m_printed"}
+
+
+def _load_inconsistencies(data_dir: Path | None) -> list[KnownInconsistency]:
     path = (data_dir or PUBLISHED_DIR) / KNOWN_INCONSISTENCIES_FILE
     if not path.exists():
-        return {}
-    out: dict[str, KnownInconsistency] = {}
+        return []
+    out: dict[tuple[str, str], KnownInconsistency] = {}
     for n, r in _read_rows(path, ("id", "field", "reason")):
-        if r["field"] != "delta_m_printed":
+        if r["field"] not in INCONSISTENCY_FIELDS:
             raise PublishedDataError(
-                f"{path}, row {n}, column 'field': only 'delta_m_printed' is supported, got {r['field']!r}"
+                f"{path}, row {n}, column 'field': expected one of {', '.join(INCONSISTENCY_FIELDS)}, "
+                f"got {r['field']!r}"
             )
-        if r["id"] in out:
-            raise PublishedDataError(f"{path}, row {n}, column 'id': duplicate id {r['id']!r}")
-        out[r["id"]] = KnownInconsistency(r["id"], r["field"], r["reason"])
-    return out
+        if (r["id"], r["field"]) in out:
+            raise PublishedDataError(f"{path}, row {n}, column 'id': duplicate id {r['id']!r} for {r['field']}")
+        out[r["id"], r["field"]] = KnownInconsistency(r["id"], r["field"], r["reason"])
+    return list(out.values())
 
 
 def load_expected_params(data_dir: Path | None = None) -> list[ExpectedParams]:

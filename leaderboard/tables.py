@@ -11,11 +11,14 @@ from tabulate import tabulate
 from benchmark.protocol import Protocol, get_reference
 from leaderboard.aggregate import DELTA_M_ROUNDING_TOL
 from leaderboard.build import Leaderboard, Section, section_plot_path
+from leaderboard.data import ALL_TRAINABLE, ENCODER_SIDE, PARAM_POLICIES, UNSTATED
 
 MISSING = "–"
 BUILD_COMMAND = "leaderboard build results/ -o LEADERBOARD.md --plot docs/pareto.png"
 UNVERIFIED = "†"
 MISMATCH = "⚠"
+FOREIGN_POLICY = "‡"  # a published count made under another counting policy than the protocol's
+UNSTATED_POLICY = "?"  # a published count whose source does not say how it counted
 
 
 def arrow(higher_is_better: bool) -> str:
@@ -50,11 +53,27 @@ def _source_cell(row: dict[str, Any], section: Section) -> str:
     return text if pub.verified else f"{text} {UNVERIFIED}"
 
 
-def _params_cell(row: dict[str, Any]) -> str:
-    lo, hi = row["params_m"], row["params_m_max"]
+def _range_cell(lo: Any, hi: Any) -> str:
     if not _isnan(lo) and not _isnan(hi) and f"{lo:.2f}" != f"{hi:.2f}":
         return f"{lo:.2f}–{hi:.2f}"
     return fmt(lo)
+
+
+def _params_cell(row: dict[str, Any]) -> str:
+    """All trainable parameters, decoders included (the protocol's policy); a count whose source does not state
+    its policy is shown here as printed, marked."""
+    if row["kind"] != "reproduced" and row["params_policy"] == UNSTATED and not _isnan(row["params_printed"]):
+        return f"{fmt(row['params_printed'])} {UNSTATED_POLICY}"
+    return _range_cell(row["params_m"], row["params_m_max"])
+
+
+def _encoder_cell(row: dict[str, Any]) -> str:
+    """Trainable parameters outside the decoders: computed for runs, as printed for encoder-side published rows
+    (marked as another policy than the protocol's)."""
+    cell = _range_cell(row["encoder_m"], row["encoder_m_max"])
+    if row["kind"] != "reproduced" and row["params_policy"] == ENCODER_SIDE and cell != MISSING:
+        cell += f" {FOREIGN_POLICY}"
+    return cell
 
 
 def table_rows(section: Section) -> tuple[list[str], list[list[str]]]:
@@ -62,7 +81,8 @@ def table_rows(section: Section) -> tuple[list[str], list[list[str]]]:
     p = section.protocol
     headers = ["#", "Method", "Config", "Source"]
     headers += [task_header(p, t) for t in p.task_names]
-    headers += ["Δm % ↑", "Δm printed", "Trainable (M) ↓", "Seeds", "Selection", "Train img/s ↑", "Peak mem (GiB) ↓"]
+    headers += ["Δm % ↑", "Δm printed", "Trainable (M) ↓", "Encoder-side (M) ↓", "Seeds", "Selection"]
+    headers += ["Train img/s ↑", "Peak mem (GiB) ↓"]
     rows = []
     for i, row in enumerate(section.frame.to_dict("records"), start=1):
         reproduced = row["kind"] == "reproduced"
@@ -79,6 +99,7 @@ def table_rows(section: Section) -> tuple[list[str], list[list[str]]]:
                 MISSING if _isnan(row["delta_m"]) else f"{row['delta_m']:+.2f}",
                 printed,
                 _params_cell(row),
+                _encoder_cell(row),
                 f"{row['n_seeds']} ({row['seeds']})" if reproduced else MISSING,
                 row["selection"] or MISSING,
                 fmt(row["img_s"], ".1f"),
@@ -115,13 +136,29 @@ def render_section(section: Section, lb: Leaderboard, plot_link: str | None) -> 
         out += [f"Reproduced: {n_runs} run(s) in {n_groups} group(s) (method, config, preset, selection rule).", ""]
     headers, rows = table_rows(section)
     n_tasks = len(p.tasks)
-    align = ["right", "left", "left", "left"] + ["right"] * (n_tasks + 3) + ["left", "left", "right", "right"]
+    align = ["right", "left", "left", "left"] + ["right"] * (n_tasks + 4) + ["left", "left", "right", "right"]
     out += [markdown_table(headers, rows, align), ""]
     foot = [
         "Per-task values are in table units (mIoU in %, normals mean angle in degrees); reproduced rows show "
-        "mean ± sample std over seeds. Trainable parameters in millions (as printed, for published rows). "
-        "Throughput and peak memory are the training figures the runs record.",
+        "mean ± sample std over seeds. Throughput and peak memory are the training figures the runs record.",
+        f"Parameters in millions, under two counting policies. Trainable: {PARAM_POLICIES[ALL_TRAINABLE]} (the rule "
+        f"of the official MTLoRA code and of this protocol). Encoder-side: {PARAM_POLICIES[ENCODER_SIDE]}, the "
+        "trainable parameters outside the decoders. Reproduced rows show both, from the run's parameter breakdown. "
+        "A published row shows its printed count in the column of the policy it was counted under, and nothing in "
+        "the other: the source's decoder count is not known, so a printed count is never converted. Only Trainable "
+        "counts are plotted.",
     ]
+    policies = {r["params_policy"] for r in section.frame.to_dict("records") if r["kind"] != "reproduced"}
+    if ENCODER_SIDE in policies:
+        foot.append(
+            f"{FOREIGN_POLICY} Published under another counting policy than this protocol's ({PARAM_POLICIES[ENCODER_SIDE]}, "
+            "decoders excluded): not comparable with the Trainable column, and not plotted."
+        )
+    if UNSTATED in policies:
+        foot.append(
+            f"{UNSTATED_POLICY} The source does not state whether its count includes the decoders: shown as printed, "
+            "not plotted."
+        )
     if any(not r.verified for r in section.published):
         foot.append(f"{UNVERIFIED} Secondary quote, not yet verified against the paper (`verified` column).")
     for row in section.frame.to_dict("records"):
@@ -136,7 +173,7 @@ def render_section(section: Section, lb: Leaderboard, plot_link: str | None) -> 
         unplotted = [r for r in section.frame.to_dict("records") if _isnan(r["params_m"]) or _isnan(r["delta_m"])]
         if unplotted:
             names = ", ".join(r["label"] for r in unplotted)
-            out += [f"Not in the plot (no parameter count): {names}.", ""]
+            out += [f"Not in the plot (no parameter count under the Trainable policy): {names}.", ""]
     noted = [r for r in section.published if r.notes]
     if noted:
         out += ["### Notes on published rows", ""]
@@ -152,16 +189,16 @@ def render_section(section: Section, lb: Leaderboard, plot_link: str | None) -> 
         ]
         frag_rows = [
             [f.label, MISSING if f.delta_m_printed is None else f"{f.delta_m_printed:+.2f}", fmt(f.params_m_printed),
-             f.claimed_source, f.notes]
+             PARAM_POLICIES[f.params_policy], f.claimed_source, f.notes]
             for f in section.fragments
         ]  # fmt: skip
         out += [
             tabulate(
                 frag_rows,
-                headers=["Method", "Δm printed", "Params (M)", "Claimed source", "Notes"],
+                headers=["Method", "Δm printed", "Params (M)", "Counting policy", "Claimed source", "Notes"],
                 tablefmt="github",
                 disable_numparse=True,
-                colalign=["left", "right", "right", "left", "left"],
+                colalign=["left", "right", "right", "left", "left", "left"],
             ),
             "",
         ]

@@ -64,6 +64,10 @@ class MethodSpec:
     # regexes (re.search) over parameter names: trainable parameters allowed to get no gradient because no
     # task output depends on them (e.g. a shared branch whose output only the task streams replace)
     no_grad_params: tuple[str, ...] = ()
+    # the default configuration in words (what ``--list`` prints), and the published row it reproduces: its
+    # source and printed value, or why none ("configuration unknown: ...", "not a published row")
+    configuration: str = ""
+    reproduces: str = ""
 
     def default_config(self) -> MethodConfig:
         return self.config_cls()
@@ -89,6 +93,8 @@ def register_method(
     identity_at_init: bool = False,
     no_grad_params: Iterable[str] = (),
     description: str | None = None,
+    configuration: str = "",
+    reproduces: str = "",
 ) -> Callable[[Callable[[nn.Module, Any], nn.Module]], Callable[[nn.Module, Any], nn.Module]]:
     """Register ``apply`` under ``name``; the description defaults to its module docstring's first line."""
 
@@ -108,6 +114,8 @@ def register_method(
                 tuple(adapter_markers),
                 identity_at_init,
                 tuple(no_grad_params),
+                configuration,
+                reproduces,
             ),
         )
         return fn
@@ -132,6 +140,70 @@ def unfreeze_matching(module: nn.Module, substrings: Iterable[str]) -> int:
             p.requires_grad_(True)
             n += p.numel()
     return n
+
+
+# --------------------------------------------------------------------------- one copy of the tuned parameters per task
+
+
+class PerTaskBackbone(nn.Module):
+    """A frozen backbone run once per task, each task with its own copy of some of its parameters.
+
+    The per-task form of the Polyhistor / MTLoRA Table 1 baselines: the parameters named in ``names`` are taken
+    out of ``backbone`` and every task gets its own trainable copy (starting from the same values), stored under
+    ``task_params.<task>.<the original name>`` so every name keeps its markers (``relative_position_bias_table``,
+    ``.bias``, ``adapter_``, ``prompt``, ``lora_``). ``forward`` runs the backbone once per task with that task's
+    copies in place (``torch.func.functional_call``) and returns ``{task: features}``, as MTLoRA's task streams.
+    Parameters not named stay in the backbone, shared by all tasks (frozen, or trainable: e.g. the shared
+    relative-position tables of the per-task adapter).
+
+    Outside ``forward`` the backbone does not hold the per-task parameters at all, so nothing may merge them into
+    its weights: ``merge_for_eval`` leaves this module alone (``mergeable = False``).
+    """
+
+    mergeable = False
+
+    def __init__(self, backbone: nn.Module, tasks: Sequence[str], names: Iterable[str]) -> None:
+        super().__init__()
+        self.names = tuple(names)
+        self.tasks = tuple(tasks)
+        if not self.names:
+            raise ValueError("per-task mode: no backbone parameter to copy per task")
+        if not self.tasks:
+            raise ValueError("per-task mode: no tasks")
+        self.shared = backbone
+        self.feature_channels = getattr(backbone, "feature_channels", None)
+        self.task_params = nn.ModuleDict({t: nn.Module() for t in self.tasks})
+        for name in self.names:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = backbone.get_submodule(owner_name)
+            p = owner._parameters.pop(leaf)  # the backbone no longer holds it: one copy per task instead
+            if p is None:
+                raise ValueError(f"per-task mode: {name} is not a parameter")
+            for t in self.tasks:
+                holder = self.task_params[t]
+                for part in owner_name.split(".") if owner_name else []:
+                    if not hasattr(holder, part):
+                        holder.add_module(part, nn.Module())
+                    holder = getattr(holder, part)
+                holder.register_parameter(leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+
+    def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
+        """``{name in the backbone: this task's copy}``."""
+        holder = self.task_params[task]
+        return {n: holder.get_parameter(n) for n in self.names}
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        from torch.func import functional_call
+
+        return {t: functional_call(self.shared, self.task_parameters(t), (x,)) for t in self.tasks}
+
+
+def tune_per_task(model: nn.Module, keep_shared: Callable[[str], bool] = lambda name: False) -> nn.Module:
+    """Turn a method applied in its shared form into its per-task form: every trainable backbone parameter
+    (except those ``keep_shared`` names) gets one copy per task (:class:`PerTaskBackbone`)."""
+    names = [n for n, p in model.backbone.named_parameters() if p.requires_grad and not keep_shared(n)]
+    model.backbone = PerTaskBackbone(model.backbone, model.tasks, names)
+    return model
 
 
 # --------------------------------------------------------------------------- evaluation with merged adapters
@@ -166,6 +238,19 @@ def _merge_layer(m: nn.Module) -> Callable[[], None] | None:
     return restore
 
 
+def _mergeable_modules(net: nn.Module) -> Iterator[nn.Module]:
+    """``net.modules()`` without the subtrees of modules that say ``mergeable = False`` (:class:`PerTaskBackbone`)."""
+    seen: set[int] = set()
+    stack = [net]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen or getattr(m, "mergeable", True) is False:
+            continue
+        seen.add(id(m))
+        yield m
+        stack.extend(reversed(list(m.children())))
+
+
 @contextmanager
 def merge_for_eval(net: nn.Module) -> Iterator[int]:
     """Fold LoRA-family updates into the frozen weights while evaluating; the exact weights come back on exit.
@@ -178,7 +263,7 @@ def merge_for_eval(net: nn.Module) -> Iterator[int]:
     restores: list[Callable[[], None]] = []
     try:
         with torch.no_grad():
-            for m in net.modules():
+            for m in _mergeable_modules(net):
                 r = _merge_layer(m)
                 if r is not None:
                     restores.append(r)
