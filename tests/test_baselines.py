@@ -1,5 +1,5 @@
 """Baseline-specific behaviour beyond the registry contract: VPT's windowed prompts, adapters, single-task copies,
-the peft bridge's checks and settings."""
+the per-task mode (one copy of the tuned parameters per task), the peft bridge's checks and settings."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from baselines.vpt import PromptedWindowAttention, _add_prompts
 from benchmark.model import MultiTaskModel, model_config_for
 from benchmark.params import count_parameters
 from methods import METHODS
-from methods.base import apply_overrides
+from methods.base import PerTaskBackbone, apply_overrides, merge_for_eval
 
 TASKS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3}
 
@@ -70,7 +70,7 @@ def test_vpt_prompts_are_extra_keys_values_of_every_window(shift: int) -> None:
 def test_vpt_prompts_change_the_output_and_only_prompts_train() -> None:
     for name, prompted in (("vpt_shallow", 1), ("vpt_deep", 5)):  # swin_micro has 1 + 1 + 2 + 1 blocks
         base = _model().eval()
-        net = _apply(name, copy.deepcopy(base), "num_prompts=4").eval()
+        net = _apply(name, copy.deepcopy(base), "num_prompts=4", "per_task=false").eval()
         prompts = [n for n, p in net.backbone.named_parameters() if p.requires_grad]
         assert len(prompts) == prompted and all(n.endswith("attn.prompt") for n in prompts), prompts
         assert prompts[0] == "swin.layers.0.blocks.0.attn.prompt"
@@ -90,7 +90,7 @@ def test_vpt_rejects_no_prompts() -> None:
 def test_adapter_bottlenecks_sit_in_every_block_and_keep_pretrained_names() -> None:
     base = _model()
     names_before = {n for n, _ in base.named_parameters()}
-    net = _apply("adapter", base, "reduction=4", "train_norms=false")
+    net = _apply("adapter", base, "reduction=4", "train_norms=false", "train_tables=false", "per_task=false")
     blocks = [m for m in net.backbone.modules() if isinstance(m, SwinTransformerBlock)]
     assert blocks and all(isinstance(b, AdapterSwinBlock) for b in blocks)
     for b in blocks:
@@ -104,12 +104,116 @@ def test_adapter_bottlenecks_sit_in_every_block_and_keep_pretrained_names() -> N
 
 
 def test_adapter_train_norms_unfreezes_layernorms_only() -> None:
-    net = _apply("adapter", _model())
+    net = _apply("adapter", _model(), "train_norms=true", "train_tables=false", "per_task=false")
     extra = {n for n, p in net.backbone.named_parameters() if p.requires_grad and "adapter_" not in n}
     assert extra and all(".norm" in n for n in extra)
     assert count_parameters(net, METHODS.get("adapter").adapter_markers)["other_trainable_backbone"] == sum(
         p.numel() for n, p in net.backbone.named_parameters() if n in extra
     )
+
+
+# --------------------------------------------------------------------------- per-task mode
+
+PER_TASK = sorted(n for n in METHODS.names() if "per_task" in METHODS.get(n).set_names())
+
+
+def test_every_backbone_side_baseline_has_a_per_task_mode() -> None:
+    assert set(PER_TASK) >= {"bitfit", "relative_bias", "vpt_shallow", "vpt_deep", "adapter", "vl_adapter", "lora"}
+    assert set(PER_TASK) >= {t.name for t in TUNERS}
+
+
+@pytest.mark.parametrize("name", PER_TASK)
+def test_per_task_mode_gives_each_task_its_own_copy(name: str) -> None:
+    """per_task=true: every tuned backbone parameter of the shared form exists once per task, with the same
+    starting values, under ``task_params.<task>.<its shared name>``; with equal copies it computes what the shared
+    form computes (and so, for identity-at-init methods, what the unmodified model computes)."""
+    shared = _apply(name, _model(), "per_task=false")
+    tuned = {n: p for n, p in shared.backbone.named_parameters() if p.requires_grad}
+    keep = {n for n in tuned if name in ("adapter", "vl_adapter") and "adapter_" not in n}  # shared tables
+    reference = _model().eval()
+    net = _apply(name, copy.deepcopy(reference), "per_task=true")
+    assert isinstance(net.backbone, PerTaskBackbone) and net.backbone.tasks == tuple(TASKS)
+    got = {n: p for n, p in net.backbone.named_parameters() if p.requires_grad}
+    want = {f"task_params.{t}.{n}" for t in TASKS for n in tuned if n not in keep} | {f"shared.{n}" for n in keep}
+    assert set(got) == want
+    for n in want:  # every copy starts from the value the shared form starts from
+        torch.testing.assert_close(got[n], tuned[n.split(".", 2)[2] if n.startswith("task_params.") else n[7:]])
+    counts = count_parameters(net, METHODS.get(name).adapter_markers)
+    base = count_parameters(shared, METHODS.get(name).adapter_markers)
+    assert counts["adapter"] == len(TASKS) * base["adapter"]
+    assert counts["trainable"] - counts["decoders"] == len(TASKS) * (base["trainable"] - base["decoders"]) - (
+        len(TASKS) - 1
+    ) * sum(tuned[n].numel() for n in keep)
+    net.eval(), shared.eval()
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = shared(image), net(image)
+    for t in TASKS:
+        torch.testing.assert_close(b[t], a[t], rtol=0, atol=1e-6)
+
+
+def test_per_task_copies_act_on_their_own_task_only() -> None:
+    """Changing the semseg copy of the tables changes only semseg's output; its loss reaches only its copy."""
+    net = _apply("relative_bias", _model()).eval()
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = net(image)
+        for p in net.backbone.task_params["semseg"].parameters():
+            p.add_(0.5)
+        after = net(image)
+    assert not torch.allclose(before["semseg"], after["semseg"])
+    for t in ("human_parts", "sal", "normals"):
+        assert torch.equal(before[t], after[t])
+    net.train()
+    net(image)["semseg"].square().mean().backward()
+    for t in TASKS:
+        grads = [p.grad for p in net.backbone.task_params[t].parameters()]
+        assert all((g is not None and g.abs().sum() > 0) if t == "semseg" else g is None for g in grads), t
+
+
+def test_per_task_backbone_holds_no_tuned_parameter_outside_forward() -> None:
+    net = _apply("vpt_deep", _model(), "num_prompts=3")
+    assert not any(n.endswith("attn.prompt") for n, _ in net.backbone.shared.named_parameters())
+    state = net.state_dict()
+    assert sum(k.endswith("attn.prompt") for k in state) == len(TASKS) * 5  # 5 blocks in swin_micro
+    twin = _apply("vpt_deep", _model(1), "num_prompts=3")
+    twin.load_state_dict(state)  # strict: the same keys, so checkpoints round-trip
+    net.eval(), twin.eval()
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for t, out in net(image).items():
+            assert torch.equal(out, twin(image)[t])
+
+
+def test_merge_for_eval_leaves_per_task_adapters_alone() -> None:
+    """Per-task LoRA cannot be folded into one set of weights: merge_for_eval merges nothing and the outputs stay
+    bit for bit the same; the shared form still merges (its numerics are tested with the LoRA tests)."""
+    image = torch.randn(1, 3, 64, 64)
+    net = _apply("lora", _model(), "per_task=true").eval()
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+        want = net(image)
+        with merge_for_eval(net) as n_merged:
+            got = net(image)
+    assert n_merged == 0
+    for t in TASKS:
+        assert torch.equal(got[t], want[t])
+    with merge_for_eval(_apply("lora", _model(), "per_task=false")) as n_shared:
+        assert n_shared > 0
+
+
+def test_adapter_per_task_keeps_one_set_of_trainable_tables_and_vl_adapter_shares_all() -> None:
+    net = _apply("adapter", _model())
+    shared = {n for n, p in net.backbone.shared.named_parameters() if p.requires_grad}
+    assert shared and all("relative_position_bias_table" in n for n in shared)
+    assert all("adapter_" in n for t in TASKS for n, _ in net.backbone.task_params[t].named_parameters())
+    vl = _apply("vl_adapter", _model())
+    assert not isinstance(vl.backbone, PerTaskBackbone)
+    trainable = {n for n, p in vl.backbone.named_parameters() if p.requires_grad}
+    assert trainable and all("adapter_" in n or "relative_position_bias_table" in n for n in trainable)
+    assert any("relative_position_bias_table" in n for n in trainable)
 
 
 # --------------------------------------------------------------------------- single_task
@@ -146,7 +250,7 @@ def test_bridge_registers_one_method_per_tuner_with_settable_fields() -> None:
     for t in TUNERS:
         spec = METHODS.get(t.name)
         assert spec.config_cls is CONFIGS[t.name]
-        assert [f[0] for f in spec.fields()] == [f.name for f in t.fields]
+        assert [f[0] for f in spec.fields()] == [f.name for f in t.fields] + ["per_task"]
 
 
 @pytest.mark.parametrize(
