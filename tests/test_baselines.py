@@ -4,6 +4,7 @@ the per-task mode (one copy of the tuned parameters per task), the peft bridge's
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -309,3 +310,25 @@ def test_vera_shared_projections_travel_with_the_backbone() -> None:
     twin = copy.deepcopy(net)
     layers = [m for m in twin.backbone.modules() if hasattr(m, "vera_A") and m.vera_A is not None]
     assert len({id(m.vera_A) for m in layers}) == 1  # still shared after a copy
+
+
+# --------------------------------------------------------------------------- --list
+
+
+def test_list_shows_each_configuration_and_the_row_it_reproduces(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmark.cli import main
+
+    assert main(["--list", "--json"]) == 0
+    listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert (
+        "3.43 M printed" in listed["vpt_deep"]["reproduces"]
+        and "50 prompt tokens" in listed["vpt_deep"]["configuration"]
+    )
+    assert listed["vl_adapter"]["reproduces"].startswith("MTLoRA Table 1 'VL-Adapter'")
+    assert listed["lora"]["reproduces"].startswith("none: ") and "unknown" in listed["lora"]["reproduces"]
+    assert "per_task=false" in listed["relative_bias"]["configuration"]  # the shared form is named
+    assert main(["--list"]) == 0
+    text = capsys.readouterr().out
+    block = text.split("vpt_deep  (", 1)[1].split("\nvpt_shallow", 1)[0]
+    assert "    configuration: 50 prompt tokens per task in every block" in block
+    assert "    reproduces: MTLoRA Table 1 'VPT-deep'" in block and "--set per_task=...  [bool]  default true" in block
