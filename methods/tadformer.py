@@ -559,13 +559,21 @@ PAPER = (
     "Baek, Lee, Kim, Hong, Nam, Kim. TADFormer: task-adaptive dynamic transformer for efficient multi-task "
     "learning. CVPR 2025 (arXiv 2501.04293)"
 )
+# what TADFormer adds to the Swin: LoRA factors and filters ("lora_"), and the prompts, gates, prompt lifting and
+# prompt LayerNorms ("prompt"). The official breakdown's "lora" field counts the first marker only.
+ADAPTER_MARKERS = ("lora_", "prompt")
 # prompt_layernorm exists in attn.proj of every block but only the task-adapted (last) blocks use it
 NO_GRAD = (r"blocks\.\d+\.attn\.proj\.prompt_layernorm\.",)
 
 
 def _register(name: str, config: type[TADFormerConfig], description: str) -> Callable[..., Any]:
     return register_method(
-        name, config=config, paper=PAPER, adapter_markers=("lora_",), no_grad_params=NO_GRAD, description=description
+        name,
+        config=config,
+        paper=PAPER,
+        adapter_markers=ADAPTER_MARKERS,
+        no_grad_params=NO_GRAD,
+        description=description,
     )
 
 
