@@ -77,7 +77,7 @@ from methods.mtlora import (
 
 TASK_TARGETS = ("attn.proj", "mlp.fc1", "mlp.fc2")  # the task-adapted layers of a stage's last block
 FILTERS = ("dynamic", "static")
-FILTER_KERNEL = 3
+FILTER_KERNEL = 3  # the official kernel size (odd sizes work the same way, with padding k // 2)
 FILTER_NORM_EPS = 1e-10  # added to the unbiased standard deviation of the generated kernel taps (official)
 
 
@@ -93,6 +93,7 @@ class TADFormerConfig(MethodConfig):
     # "dynamic": the paper's DTF, one per task-adapted layer shared by the tasks (tadformer);
     # "static": one depth-wise 3x3 convolution per task and layer, as released (tadformer_release)
     task_filter: str = "dynamic"
+    filter_kernel: int = FILTER_KERNEL  # odd spatial size of the filter kernels (3 officially)
     # non-LoRA backbone parameters left trainable (name substrings), as the official freezing does
     extra_trainable: tuple[str, ...] = ("patch_embed", "norm", "relative_position_bias_table", "prompt")
 
@@ -106,6 +107,8 @@ class TADFormerConfig(MethodConfig):
             raise ValueError(f"TADFormer shared_scale: expected a finite number, got {self.shared_scale}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"TADFormer lora_dropout: expected a probability in [0, 1), got {self.lora_dropout}")
+        if not isinstance(self.filter_kernel, int) or self.filter_kernel < 1 or self.filter_kernel % 2 == 0:
+            raise ValueError(f"TADFormer filter_kernel: expected an odd positive size, got {self.filter_kernel}")
         if self.task_filter not in FILTERS:
             raise ValueError(f"TADFormer task_filter: {self.task_filter!r} is not one of {list(FILTERS)}")
 
@@ -130,48 +133,49 @@ class TADFormerReleaseConfig(TADFormerConfig):
 class StaticTaskFilter(nn.Module):
     """One task's filter in the released code: a depth-wise 3x3 convolution with bias (``conv2d``)."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, kernel: int = FILTER_KERNEL) -> None:
         super().__init__()
-        self.conv2d = nn.Conv2d(rank, rank, FILTER_KERNEL, padding=FILTER_KERNEL // 2, groups=rank, bias=True)
+        self.conv2d = nn.Conv2d(rank, rank, kernel, padding=kernel // 2, groups=rank, bias=True)
 
 
 class FilterNorm(nn.Module):
     """The DTF's per-(channel, tap) scale ``std`` and shift ``mean`` of the normalised kernels."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, kernel: int = FILTER_KERNEL) -> None:
         super().__init__()
         self.std = nn.Parameter(torch.empty(size))
         self.mean = nn.Parameter(torch.empty(size))
         with torch.no_grad():  # official init: N(0, 1) * calculate_gain("relu") / kernel_size, and N(0, 1)
-            self.std.normal_().mul_(math.sqrt(2.0) / FILTER_KERNEL)
+            self.std.normal_().mul_(math.sqrt(2.0) / kernel)
             self.mean.normal_()
 
 
 class DynamicTaskFilter(nn.Module):
-    """The paper's dynamic task filter: per-sample depth-wise 3x3 kernels generated from the pooled input.
+    """The paper's dynamic task filter: per-sample depth-wise k x k kernels (3 x 3 officially) generated from the
+    pooled input.
 
-    For ``a`` [n, r, h, w]: ``k = conv(mean_hw(a))`` [n, 9r]; per (sample, channel) the 9 taps are normalised
+    For ``a`` [n, r, h, w]: ``k = conv(mean_hw(a))`` [n, k*k*r]; per (sample, channel) the k*k taps are normalised
     ``(k - mean) / (std_unbiased + 1e-10)``, then ``k * std + mean`` per (channel, tap) (``chan_FilterNorm``);
-    the output is each sample's cross-correlation with its own kernels, zero padding 1, no bias.
+    the output is each sample's cross-correlation with its own kernels, zero padding k // 2, no bias.
     """
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, kernel: int = FILTER_KERNEL) -> None:
         super().__init__()
-        taps = FILTER_KERNEL * FILTER_KERNEL
-        self.conv = nn.Conv2d(rank, taps * rank, 1)
-        self.chan_FilterNorm = FilterNorm(taps * rank)  # the official name  # noqa: N815
+        self.kernel = kernel
+        self.conv = nn.Conv2d(rank, kernel * kernel * rank, 1)
+        self.chan_FilterNorm = FilterNorm(kernel * kernel * rank, kernel)  # the official name  # noqa: N815
 
     def kernels(self, a: Tensor) -> Tensor:
         n, r = a.shape[:2]
-        taps = FILTER_KERNEL * FILTER_KERNEL
+        taps = self.kernel * self.kernel
         k = F.linear(a.mean(dim=(2, 3)), self.conv.weight.flatten(1), self.conv.bias).view(n, r, taps)
         k = (k - k.mean(-1, keepdim=True)) / (k.std(-1, keepdim=True) + FILTER_NORM_EPS)
         k = k.flatten(1) * self.chan_FilterNorm.std + self.chan_FilterNorm.mean
-        return k.view(n * r, 1, FILTER_KERNEL, FILTER_KERNEL)
+        return k.view(n * r, 1, self.kernel, self.kernel)
 
     def forward(self, a: Tensor) -> Tensor:
         n, r, h, w = a.shape
-        out = F.conv2d(a.reshape(1, n * r, h, w), self.kernels(a), padding=FILTER_KERNEL // 2, groups=n * r)
+        out = F.conv2d(a.reshape(1, n * r, h, w), self.kernels(a), padding=self.kernel // 2, groups=n * r)
         return out.view(n, r, h, w)
 
 
@@ -195,6 +199,7 @@ class TADFormerLinear(MTLoRALinear):
         prompt_norm: bool,
         task_filter: str | None,
         tasks: Sequence[str],
+        filter_kernel: int = FILTER_KERNEL,
     ) -> None:
         super().__init__(base, shared_rank=rank, shared_scale=scale, dropout=dropout)
         if prompt_norm:
@@ -202,9 +207,9 @@ class TADFormerLinear(MTLoRALinear):
         self.task_names = tuple(tasks)
         self.lora_filter: nn.Module | None = None
         if task_filter == "dynamic":
-            self.lora_filter = DynamicTaskFilter(rank)
+            self.lora_filter = DynamicTaskFilter(rank, filter_kernel)
         elif task_filter == "static":
-            self.lora_filter = nn.ModuleDict({t: StaticTaskFilter(rank) for t in self.task_names})
+            self.lora_filter = nn.ModuleDict({t: StaticTaskFilter(rank, filter_kernel) for t in self.task_names})
 
     @property
     def task_adapted(self) -> bool:
@@ -255,7 +260,7 @@ class TADFormerLinear(MTLoRALinear):
         weight = torch.cat([c.weight for c in convs])
         bias = torch.cat([c.bias for c in convs])
         x = a.permute(1, 0, 2, 3, 4).reshape(n, n_tasks * r, h, w)
-        y = F.conv2d(x, weight, bias, padding=FILTER_KERNEL // 2, groups=n_tasks * r)
+        y = F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=n_tasks * r)
         return y.view(n, n_tasks, r, h, w).permute(1, 0, 2, 3, 4)
 
 
@@ -474,6 +479,7 @@ def _apply(model: nn.Module, cfg: TADFormerConfig) -> nn.Module:
                     prompt_norm=target == "attn.proj",
                     task_filter=cfg.task_filter if adapted and target in TASK_TARGETS else None,
                     tasks=tasks,
+                    filter_kernel=cfg.filter_kernel,
                 )
                 setattr(parent, child, lin)
     freeze(base)
@@ -521,7 +527,9 @@ def config_from_fixture(config: dict[str, Any], lora_dropout: float | None = Non
         "prompts.per_task_len": (int(dict(config.get("prompts", {})).get("per_task_len", 1)), 1),
     }
     filt = dict(need(config, "task_filter", ""))
-    unsupported["task_filter.kernel_size"] = (int(filt.get("kernel_size", FILTER_KERNEL)), FILTER_KERNEL)
+    k = int(filt.get("kernel_size", FILTER_KERNEL))
+    unsupported["task_filter.stride"] = (int(filt.get("stride", 1)), 1)
+    unsupported["task_filter.padding"] = (int(filt.get("padding", k // 2)), k // 2)
     unsupported["task_filter.layers"] = (sorted(filt.get("layers", TASK_TARGETS)), sorted(TASK_TARGETS))
     last_blocks = [[d - 1] for d in depths]
     adapted = list(config.get("task_adapted_blocks", last_blocks))
@@ -542,6 +550,7 @@ def config_from_fixture(config: dict[str, Any], lora_dropout: float | None = Non
         shared_scale=float(scale),
         lora_dropout=float(noise if lora_dropout is None else lora_dropout),
         task_filter=kind,
+        filter_kernel=int(filt.get("kernel_size", FILTER_KERNEL)),
     )
     cfg.validate(tuple(need(config, "tasks", "")))
     return cfg

@@ -260,7 +260,8 @@ def test_fixture_config_is_read_not_assumed() -> None:
     for bad, match in (
         ({"prompts": {**config["prompts"], "per_task_len": 2}}, "per_task_len"),
         ({"task_filter": {**config["task_filter"], "type": "gaussian"}}, "task_filter.type"),
-        ({"task_filter": {**config["task_filter"], "kernel_size": 5}}, "kernel_size"),
+        ({"task_filter": {**config["task_filter"], "stride": 2}}, "stride"),
+        ({"task_filter": {**config["task_filter"], "kernel_size": 4, "padding": 2}}, "filter_kernel"),
         ({"task_adapted_blocks": [[0], [1], [5], [1]]}, "task_adapted_blocks"),
         ({"lora": {**config["lora"], "task_specific_lora_matrices": True}}, "task_specific_lora_matrices"),
     ):
@@ -271,18 +272,20 @@ def test_fixture_config_is_read_not_assumed() -> None:
 # --------------------------------------------------------------------------- the computation
 
 
-def test_dynamic_filter_matches_its_definition() -> None:
+@pytest.mark.parametrize("size", [3, 5])
+def test_dynamic_filter_matches_its_definition(size: int) -> None:
     torch.manual_seed(0)
-    filt = DynamicTaskFilter(3)
+    filt = DynamicTaskFilter(3, size)
+    taps = size * size
     a = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     filt = filt.double()
     got = filt(a)
     for n in range(2):
         g = a[n].mean(dim=(1, 2))
-        k = (filt.conv.weight.view(27, 3) @ g + filt.conv.bias).view(3, 9)
+        k = (filt.conv.weight.view(3 * taps, 3) @ g + filt.conv.bias).view(3, taps)
         k = (k - k.mean(1, keepdim=True)) / (k.std(1, unbiased=True, keepdim=True) + 1e-10)
         k = k.flatten() * filt.chan_FilterNorm.std + filt.chan_FilterNorm.mean
-        want = F.conv2d(a[n : n + 1], k.view(3, 1, 3, 3), padding=1, groups=3)
+        want = F.conv2d(a[n : n + 1], k.view(3, 1, size, size), padding=size // 2, groups=3)
         torch.testing.assert_close(got[n : n + 1], want, rtol=0, atol=1e-12)
 
 
@@ -385,6 +388,7 @@ def test_lora_dropout_draws_on_the_shared_input_only_in_training() -> None:
         ({"lora_dropout": 1.0}, "lora_dropout"),
         ({"shared_scale": float("nan")}, "shared_scale"),
         ({"task_filter": "gaussian"}, "task_filter"),
+        ({"filter_kernel": 4}, "filter_kernel"),
     ],
 )
 def test_bad_config_is_a_clear_value_error(fields: dict, match: str) -> None:
