@@ -42,9 +42,10 @@ shared input plus a filtered low-rank term), which a merged weight cannot give b
 
 Deviations and readings of the official code that the fixtures cannot check (training-only behaviour):
 
-- LoRA dropout in ``attn.proj`` of a task-adapted block: the task input is built from the same dropped-out
-  tensor as the shared branch's LoRA input, ``LN_p(drop(O) + M_t)``; in fc1/fc2 the task inputs are not dropped
-  out (the fixture config's ``lora_dropout_applies_to``);
+- LoRA dropout in ``attn.proj`` of a task-adapted block: TPC works on the shared branch's dropped-out LoRA input
+  (one mask): ``M_t = GELU(S_t) * drop(O)``, ``LN_p(drop(O) + M_t)`` and the skip feature from that ``M_t``, as the
+  official layer applies the modulation inside the LoRA branch; the frozen ``W O`` sees the undropped ``O``. In
+  fc1/fc2 the task inputs are not dropped out (the fixture config's ``lora_dropout_applies_to``);
 - drop path: one draw per call, so the shared stream, every task stream (after attention and after the MLP)
   and the prompt update are dropped independently (the fixture config's ``training_only_notes``);
 - the token grid must be a multiple of the window (``SwinConfig.validate`` guarantees it): the official block
@@ -360,10 +361,10 @@ def _block_forward(
     # ---- task streams (tasks stacked on a leading axis)
     heads = blk.attn.num_heads
     n_tok = ws[0] * ws[1]
-    o_x = o[:, n_prompts:]  # [B*nW, N, C]
+    o_x = od[:, n_prompts:]  # [B*nW, N, C]: the LoRA branch's (dropped-out, in training) input, as officially
     g = F.gelu(raw[:, :, :n_prompts, n_prompts:])  # TPC scores [B*nW, h, T, N]: raw, unscaled, no bias/mask/softmax
     m = (g.permute(2, 0, 3, 1).unsqueeze(-1) * o_x.view(1, -1, n_tok, heads, c // heads)).flatten(-2)  # [T,B*nW,N,C]
-    u = proj.prompt_layernorm(od[:, n_prompts:] + m)
+    u = proj.prompt_layernorm(o_x + m)
     codes = _window_filter(proj, proj.codes(u), ws[0], batched)
     y_t = proj.expand(pre[:, n_prompts:], codes)  # [T, B*nW, N, C]
     y_t = blk.attn.proj_drop(y_t)
