@@ -30,12 +30,13 @@ is checked by ``python -m benchmark.parity tests/fixtures/tadformer_parity``):
   the relative-position tables and the decoders. The qkv/proj/fc1/fc2 base weights and the patch-merging
   reductions are frozen. At Swin-T, 448 px, 4 tasks this is 3,557,502 / 4,776,126 / 7,379,262 trainable for
   ``tadformer`` at r = 16 / 32 / 64 (the paper's 3.56 / 4.78 / 7.38 M, decoders included) and 3,532,350 /
-  4,670,526 / 6,946,878 for ``tadformer_release``.
+  4,670,526 / 6,946,878 for ``tadformer_release``. In the breakdown, "adapter" is everything TADFormer adds
+  (names with ``lora_`` or ``prompt``); the official script's "lora" field counts the ``lora_`` names only.
 
 Implementation: the task streams are computed with the tasks stacked on a leading axis ([T, B, ...]); the
 frozen products ``W x + b`` are computed once and shared by the shared and every task output, and the filters
-run for all tasks at once (grouped convolutions). ``TADFormerBackbone.batched = False`` runs the filters and
-task projections one task at a time (the reference path for tests). For evaluation the shared LoRA is folded
+run for all tasks at once (grouped convolutions). ``TADFormerBackbone.batched = False`` runs the filters, window
+reversals and patch mergings of the task streams one task at a time (the reference path for tests). For evaluation the shared LoRA is folded
 into the frozen weights (``methods.base.merge_for_eval``) of every layer except ``attn.proj``, ``mlp.fc1`` and
 ``mlp.fc2`` of the task-adapted blocks: their task streams need ``W`` and ``B``, ``A`` apart (``W x`` on the
 shared input plus a filtered low-rank term), which a merged weight cannot give back exactly.
