@@ -240,6 +240,44 @@ def test_float64_gradients_equal_the_officials_float64_gradients(variant: str) -
         assert rel <= tol, (name, rel, tol)
 
 
+def test_injected_mistakes_fail_the_output_check() -> None:
+    """The output comparison is not vacuous: mistakes the fixture README lists move the outputs far past it.
+
+    Error model for the head outputs (before the final resize, present in full and lean fixtures): this fp32 model
+    and the official fp32 run each differ from exact arithmetic by about the official fp32-vs-fp64 figure, so
+    3x that figure per task bounds a correct implementation.
+    """
+    from benchmark.official import load_official_state_dict
+
+    fx = torch.load(FIXTURES / "tadformer_release_public.pt", map_location="cpu", weights_only=True)
+    noise = fx["reproducibility"]["max_abs_diff_fp32_vs_fp64_same_model"]
+
+    def outputs_pass(mutate) -> bool:
+        model, _ = build_from_fixture_config(fx["config"])
+        load_official_state_dict(model, fx["state_dict"])
+        mutate(model)
+        model.eval()
+        with torch.no_grad():
+            feats = model.backbone(fx["input"])
+            heads = {t: model.decoders[t](feats[t]) for t in model.tasks}
+        refs = fx["head_outputs_before_resize"]
+        return all(float((heads[t] - ref).abs().max()) <= 3 * noise[t] for t, ref in refs.items())
+
+    def swap_prompts(model: nn.Module) -> None:  # two task prompts swapped
+        with torch.no_grad():
+            p = model.backbone.swin.task_prompts
+            p[[0, 1]] = p[[1, 0]]
+
+    def gate_on_the_wrong_branch(model: nn.Module) -> None:  # sigmoid(-g) = 1 - sigmoid(g)
+        with torch.no_grad():
+            for layer in model.backbone.layers:
+                layer.prompt_gate.neg_()
+
+    assert outputs_pass(lambda m: None)
+    assert not outputs_pass(swap_prompts)
+    assert not outputs_pass(gate_on_the_wrong_branch)
+
+
 def test_parity_cli_runs_the_tadformer_fixtures(tmp_path: Path) -> None:
     from benchmark.parity import discover
 
