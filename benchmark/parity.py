@@ -105,7 +105,10 @@ def _fmt(x: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmark.parity",
-        description="Check this implementation against official-parity fixtures (dataset_*.pt, metrics_*.pt, model_*.pt).",
+        description=(
+            "Check this implementation against official-parity fixtures "
+            "(dataset_*.pt, metrics_*.pt, model_*.pt, tadformer_*.pt)."
+        ),
     )
     parser.add_argument("dir", help="folder holding the fixtures (e.g. ../shared/fixtures/official_parity)")
     parser.add_argument("--only", choices=sorted(CHECKERS), help="run one kind of fixture only")
