@@ -377,6 +377,16 @@ def build_from_fixture_config(
             m.eps = float(config.get("layer_norm_eps", 1e-5))
         elif isinstance(m, nn.BatchNorm2d):
             m.eps = float(config.get("batch_norm_eps", 1e-5))
+    if "task_filter" in config:  # a TADFormer fixture (methods.tadformer reads its own fields)
+        from methods.tadformer import _apply as apply_tadformer
+        from methods.tadformer import config_from_fixture
+
+        tad_cfg = config_from_fixture(config, lora_dropout)
+        model = apply_tadformer(model, tad_cfg)
+        for m in model.modules():  # the LayerNorms TADFormer adds (prompt_layernorm)
+            if isinstance(m, nn.LayerNorm):
+                m.eps = float(config.get("layer_norm_eps", 1e-5))
+        return model, tad_cfg
 
     task_rank = lora.get("task_rank", 4)
     task_scale = lora.get("task_scale", lora.get("shared_scale", 4.0))

@@ -6,6 +6,7 @@ maximum difference; exits non-zero if any check fails. Fixture kinds (see the fi
 - ``dataset_*.pt`` with its dataset folder beside it -> ``benchmark.dataset.parity_checks``
 - ``metrics_*.pt``                                   -> ``benchmark.metrics.parity_checks``
 - ``model_*.pt`` (+ ``model_*_grad.pt``)             -> ``benchmark.official.parity_checks``
+- ``tadformer_*.pt`` (+ ``tadformer_*_grad.pt``)     -> ``benchmark.official.parity_checks`` (TADFormer)
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ CHECKERS: dict[str, tuple[str, str]] = {
     "dataset": ("benchmark.dataset", "dataset_*.pt"),
     "metrics": ("benchmark.metrics", "metrics_*.pt"),
     "model": ("benchmark.official", "model_*.pt"),
+    "tadformer": ("benchmark.official", "tadformer_*.pt"),  # same checks; the fixture config selects the method
 }
+# kinds whose ``*_grad.pt`` files are gradient companions, run with their model fixture
+WITH_GRAD_COMPANIONS = ("model", "tadformer")
 
 
 class ParityUsageError(ValueError):
@@ -52,7 +56,7 @@ def discover(directory: str | Path, only: str | None = None) -> list[tuple[str, 
         if only is not None and kind != only:
             continue
         for path in sorted(directory.glob(pattern)):
-            if path.is_file() and not (kind == "model" and path.name.endswith("_grad.pt")):
+            if path.is_file() and not (kind in WITH_GRAD_COMPANIONS and path.name.endswith("_grad.pt")):
                 found.append((kind, path))
     if not found:
         what = (
@@ -101,7 +105,10 @@ def _fmt(x: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmark.parity",
-        description="Check this implementation against official-parity fixtures (dataset_*.pt, metrics_*.pt, model_*.pt).",
+        description=(
+            "Check this implementation against official-parity fixtures "
+            "(dataset_*.pt, metrics_*.pt, model_*.pt, tadformer_*.pt)."
+        ),
     )
     parser.add_argument("dir", help="folder holding the fixtures (e.g. ../shared/fixtures/official_parity)")
     parser.add_argument("--only", choices=sorted(CHECKERS), help="run one kind of fixture only")

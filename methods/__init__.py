@@ -6,6 +6,7 @@
 from methods.base import METHODS, MethodConfig, MethodSpec, register_method  # noqa: F401
 
 from methods import mtlora  # noqa: F401,E402  (mtlora, mtlora_plus)
+from methods import tadformer  # noqa: F401,E402  (tadformer, tadformer_release)
 from baselines import full_ft  # noqa: F401,E402
 from baselines import decoders_only  # noqa: F401,E402
 from baselines import single_task  # noqa: F401,E402
