@@ -613,8 +613,8 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
         notes=notes,
     )
     if rank == 0:
-        if outcome is not None:
-            _write_per_image(work_dir / "result.json", run_id, val_ds.ids, setup.per_image, outcome.history, entry)
+        history = outcome.history if outcome is not None else []
+        _write_per_image(work_dir / "result.json", run_id, val_ds.ids, setup.per_image, history, entry)
         path = result.write(work_dir / "result.json")
         dm = entry.get("delta_m")
         dm_s = f"{dm:+.2f}%" if isinstance(dm, float) else "n/a"
@@ -635,8 +635,8 @@ def _write_per_image(result_path, run_id, image_ids, blobs, history, entry) -> N
     target = per_image_path(result_path)
     idx = next((i for i, h in enumerate(history) if h is entry), None)
     k = None if idx is None else idx - (len(history) - len(blobs))
-    if k is None or k < 0:
-        target.unlink(missing_ok=True)  # a stale file from an earlier run in this folder must not be taken for this one
+    if k is None or k < 0:  # none: a stale file from an earlier run in this folder must not pass for this one's
+        target.unlink(missing_ok=True)
         return
     atomic_write_bytes(target, per_image_file(run_id, list(image_ids), blobs[k]))
 

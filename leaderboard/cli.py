@@ -154,6 +154,22 @@ def _validate(args: argparse.Namespace) -> int:
     return 1 if loaded.errors else 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from leaderboard.aggregate import config_text
+    from leaderboard.compare import compare_runs, load_group, render
+
+    a, b = load_group(args.a, "A"), load_group(args.b, "B")
+    result = compare_runs(a, b)
+
+    def label(runs) -> str:
+        r = runs[0]
+        seeds = ",".join(str(x.data["seeds"][0]) for x in runs)
+        return f"{r.method} {config_text(r.config)} preset {r.data['preset']} seeds {seeds} ({r.protocol.id})"
+
+    sys.stdout.write(render(result, label(a), label(b), a[0].protocol))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="leaderboard",
@@ -186,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--published-dir", type=Path, default=None, help=data_help)
     c.set_defaults(func=_check)
+
+    k = sub.add_parser("compare", help="do two reproduced configurations differ? difference, interval, p-value")
+    k.add_argument("a", help="result file or folder of configuration A (its successful runs: one configuration)")
+    k.add_argument("b", help="result file or folder of configuration B")
+    k.set_defaults(func=_compare)
 
     v = sub.add_parser("validate", help="validate result files only")
     v.add_argument("results", nargs="+", help="result files or folders")
