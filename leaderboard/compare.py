@@ -84,14 +84,9 @@ def load_group(path: str | os.PathLike[str], flag: str) -> list[Run]:
 
 
 def refuse_incomparable(a: Sequence[Run], b: Sequence[Run]) -> None:
-    ra, rb = a[0], b[0]
-    if (ra.data["protocol"]["name"], ra.data["protocol"]["version"]) != (
-        rb.data["protocol"]["name"],
-        rb.data["protocol"]["version"],
-    ):
-        raise LeaderboardError(
-            f"not comparable: A is protocol {ra.protocol.id}, B is {rb.protocol.id} (different tasks, data or schedule)"
-        )
+    pa, pb = (f"{r[0].data['protocol']['name']}.v{r[0].data['protocol']['version']}" for r in (a, b))
+    if pa != pb:
+        raise LeaderboardError(f"not comparable: A is protocol {pa}, B is {pb} (different tasks, data or schedule)")
     refs = {r.data["delta_m"]["reference"] for r in (*a, *b)}
     if len(refs) > 1:
         raise LeaderboardError(f"not comparable: the runs measure Δm against different references {sorted(refs)}")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.protocol import PROTOCOLS
-from benchmark.results import ResultError
+from benchmark.results import PARAM_KEYS, ResultError
 
 MAX_RESULT_BYTES = 4 * 2**20  # a result is a few KiB; 4 MiB leaves room for long notes and provenance
 MAX_DEPTH = 16  # the schema nests 3 levels (metrics.task.metric); configs may add a few
@@ -213,7 +213,12 @@ def check_result_fields(data: dict[str, Any], source: str) -> None:
                 _fail(source, f"metrics.{t.name}.{t.metric}", f"a value in [{lo:g}, {hi:g}] ({t.label})", v)
     params = data["params"]
     for k, v in params.items():
-        if v is not None or data["status"] == "success":
+        if not CONFIG_KEY_RE.fullmatch(k):
+            _fail(source, "params.<key>", "a key of letters, digits and _", k)
+        if isinstance(v, str) and k not in PARAM_KEYS:  # a label beside the counts (e.g. a counting policy)
+            if not CONFIG_TEXT_RE.fullmatch(v):
+                _fail(source, f"params.{k}", "text of letters, digits, spaces and _ . , : / + = -", v)
+        elif v is not None or data["status"] == "success":
             _count(v, source, f"params.{k}")
     if data["status"] == "success" and params.get("trainable", 0) > params.get("total", 0):
         _fail(source, "params.trainable", f"at most params.total ({params.get('total')})", params.get("trainable"))
