@@ -210,10 +210,7 @@ def frame_to_csv(lb: Leaderboard) -> str:
         df = s.frame.copy()
         df.insert(0, "protocol", f"{s.protocol.name}.v{s.protocol.version}")
         df["run_ids"] = df["run_ids"].map(lambda ids: ";".join(ids))
-        for col in df.columns:
-            if df[col].dtype == object:
-                df[col] = df[col].map(csv_cell)
-        frames.append(df)
+        frames.append(df.map(csv_cell))  # text cells only: numbers stay numbers
     if not frames:
         return ""
     return pd.concat(frames, ignore_index=True).to_csv(index=False, float_format="%.6f", lineterminator="\n")
