@@ -71,7 +71,7 @@
       return dd;
     }
     item("Method", row.method + (row.id ? " (" + row.id + ")" : ""));
-    item("Config", JSON.stringify(row.config, null, 1), true);
+    item("Config", JSON.stringify(row.config), true);
     item("Interval", row.ci_method);
     if (row.ci) {
       var parts = [];
@@ -86,8 +86,8 @@
       row.runs.forEach(function (run) {
         item("Reproduce", run.command, true);
         var env = run.env || {};
-        item("Provenance", "harness " + (env.harness_version || env.version || "?") + ", git " + (env.git_sha || "?") +
-          (env.git_dirty ? " (dirty)" : "") + ", device " + (env.device || "?") + ", torch " + (env.torch || "?"));
+        var prov = Object.keys(env).sort().map(function (k) { return k + ": " + env[k]; });
+        item("Provenance", prov.length ? prov.join("\n") : "(none recorded)", true);
         var dd = item("Result", "");
         var a = el("a", { href: run.file, "class": "result-link" }, run.run_id + ".json");
         dd.appendChild(a);
