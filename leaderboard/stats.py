@@ -78,10 +78,13 @@ def _array(v: Any, source: str, field: str, dtype: type, ndim: int) -> np.ndarra
             )
     except (ValueError, TypeError):
         ok = False
-    if not ok:
-        kind = "integers" if dtype is int else "finite numbers"
-        raise ResultError(f"{source}: field {field!r}: expected a {ndim}-D array of {kind}")
-    return np.asarray(v, dtype=np.int64 if dtype is int else np.float64).reshape(a.shape)
+    if ok:
+        try:
+            return np.asarray(v, dtype=np.int64 if dtype is int else np.float64).reshape(a.shape)
+        except OverflowError:
+            pass
+    kind = "integers (below 2**63)" if dtype is int else "finite numbers"
+    raise ResultError(f"{source}: field {field!r}: expected a {ndim}-D array of {kind}")
 
 
 def load_per_image(result_path: Path, data: Mapping[str, Any], protocol: Protocol) -> PerImage | None:
@@ -121,7 +124,7 @@ def load_per_image(result_path: Path, data: Mapping[str, Any], protocol: Protoco
             tasks[t.name] = {"intersect": inter, "union": union}
         elif s.get("kind") == "saliency":
             counts = _array(s.get("counts"), src, f"{f}.counts", int, 3)
-            if counts.shape[0] != n or counts.shape[2] != 3 or (counts < 0).any():
+            if counts.shape[0] != n or counts.shape[1] < 1 or counts.shape[2] != 3 or (counts < 0).any():
                 raise ResultError(f"{src}: field {f!r}: expected {n} x thresholds x (tp, fp, fn) counts >= 0")
             tasks[t.name] = {"counts": counts}
         elif s.get("kind") == "normals":

@@ -31,7 +31,8 @@ MAX_DEPTH = 16  # the schema nests 3 levels (metrics.task.metric); configs may a
 MAX_NUMBER_CHARS = 40  # "-1.2345678901234567e-308" is 24 characters; an int of 2**64 is 20 digits
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (mmengine's set_random_seed) takes 0 .. 2**32 - 1
 MAX_COUNT = 2**53  # parameter counts stay exact in float64 (pandas); real models are < 2**40
-MAX_TEXT = 500  # a provenance string, note or config value
+MAX_TEXT = 500  # a provenance string
+MAX_NOTE = 20_000  # a note (e.g. the error a failed run records)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")  # method, preset, protocol, reference, rule names
 CONFIG_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 CONFIG_TEXT_RE = re.compile(r"[A-Za-z0-9_.,:/+= -]{0,200}")  # config string values: no markup, quotes or breaks
@@ -245,8 +246,9 @@ def check_result_fields(data: dict[str, Any], source: str) -> None:
     notes = data.get("notes", [])
     if not isinstance(notes, list):
         _fail(source, "notes", "a list of text", notes)
-    for i, n in enumerate(notes):
-        _text(n, source, f"notes[{i}]")
+    for i, n in enumerate(notes):  # free text (a failure message may span lines); escaped wherever it is shown
+        if not isinstance(n, str) or len(n) > MAX_NOTE:
+            _fail(source, f"notes[{i}]", f"text of at most {MAX_NOTE} characters", n)
 
 
 # --------------------------------------------------------------------------- escaping

@@ -18,16 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scipy import stats as sps
 from test_leaderboard import BASE, main_table, run_cli, seeds_vals, write_run
 
 from benchmark.protocol import PASCAL_CONTEXT as P
 from benchmark.protocol import REFERENCES, delta_m, table_value
-from benchmark.results import make_run_id, per_image_path
+from benchmark.results import ResultError, make_run_id, per_image_path
 from leaderboard.compare import compare_runs
 from leaderboard.errors import LeaderboardError
 from leaderboard.runs import Run, load_results
-from leaderboard.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PER_IMAGE_FORMAT
+from leaderboard.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PER_IMAGE_FORMAT, load_per_image
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = REFERENCES[P.reference].values
@@ -328,3 +330,36 @@ def test_per_image_file_of_another_run_or_tampered_is_an_error(tmp_path, capsys)
     per_image_path(path).write_bytes(b"\x1f\x8b\x08garbage")
     rc, _, err = run_cli(capsys, "validate", tmp_path / "results")
     assert rc == 1 and "cannot read per-image statistics" in err
+
+
+JSON_LEAF = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
+JSON_ANY = st.recursive(JSON_LEAF, lambda i: st.lists(i, max_size=3) | st.dictionaries(st.text(max_size=6), i, max_size=3),
+                        max_leaves=8)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_per_image_reader_answers_any_mutation(tmp_path_factory, data):
+    """Any edit of a per-image file gives statistics or one ResultError naming the file, never a traceback."""
+    root = tmp_path_factory.mktemp("pi")
+    path, doc = write_run_with_images(root, seed=0, n=3)
+    result = json.loads(path.read_text())
+    for _ in range(data.draw(st.integers(1, 3))):
+        task = data.draw(st.sampled_from([*P.task_names, None]))
+        tasks = doc.get("tasks")
+        node = doc if task is None else (tasks.get(task) if isinstance(tasks, dict) else None)
+        if not isinstance(node, dict) or not node:
+            continue
+        key = data.draw(st.sampled_from(sorted(node)))
+        if data.draw(st.booleans()):
+            node[key] = data.draw(JSON_ANY)
+        elif isinstance(node[key], list) and node[key]:
+            i = data.draw(st.integers(0, len(node[key]) - 1))
+            node[key][i] = data.draw(JSON_ANY)
+        else:
+            node.pop(key)
+    per_image_path(path).write_bytes(gzip.compress(json.dumps(doc).encode()))
+    try:
+        load_per_image(path, result, P)
+    except ResultError as e:
+        assert str(e).startswith(str(per_image_path(path)))
