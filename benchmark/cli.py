@@ -619,6 +619,8 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
         notes=notes,
     )
     if rank == 0:
+        history = outcome.history if outcome is not None else []
+        _write_per_image(work_dir / "result.json", run_id, val_ds.ids, setup.per_image, history, entry)
         path = result.write(work_dir / "result.json")
         dm = entry.get("delta_m")
         dm_s = f"{dm:+.2f}%" if isinstance(dm, float) else "n/a"
@@ -627,6 +629,22 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
         )
         print(f"[{status}] {run_id}: Δm {dm_s}; {summary}; trainable {params['trainable']:,}; result: {path}")
     return 1 if status == "failed" else 0
+
+
+def _write_per_image(result_path, run_id, image_ids, blobs, history, entry) -> None:
+    """The selected evaluation's per-image statistics beside result.json (written first: a result never points at
+    a missing file). The last ``len(blobs)`` history entries are this process's validations; an entry from before
+    a resume has none, and the run then has no interval over images (the leaderboard says so)."""
+    from benchmark.metrics import per_image_file
+    from benchmark.results import atomic_write_bytes, per_image_path
+
+    target = per_image_path(result_path)
+    idx = next((i for i, h in enumerate(history) if h is entry), None)
+    k = None if idx is None else idx - (len(history) - len(blobs))
+    if k is None or k < 0:  # none: a stale file from an earlier run in this folder must not pass for this one's
+        target.unlink(missing_ok=True)
+        return
+    atomic_write_bytes(target, per_image_file(run_id, list(image_ids), blobs[k]))
 
 
 def _select(history: list[dict[str, Any]], rule: str) -> tuple[dict[str, Any], dict[str, Any]]:

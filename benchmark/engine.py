@@ -42,7 +42,7 @@ from mmengine.runner import Runner
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from benchmark.metrics import results_delta_m
+from benchmark.metrics import per_image_blob, results_delta_m
 from benchmark.official import CheckpointError  # one error type for every checkpoint problem
 from benchmark.protocol import Protocol
 from benchmark.results import atomic_write_bytes
@@ -138,9 +138,10 @@ class EngineModel(BaseModel):
 class EngineMetric(BaseMetric):
     """Per-image statistics of our meters; reduced once at the end (DDP-safe through mmengine)."""
 
-    def __init__(self, meters: Mapping[str, Any]) -> None:
+    def __init__(self, meters: Mapping[str, Any], per_image: list[bytes] | None = None) -> None:
         super().__init__(collect_device="cpu")
         self.meters = dict(meters)
+        self.per_image = per_image  # receives each validation's per-image statistics (gzip JSON), in order
 
     def process(self, data_batch: Any, data_samples: Sequence[dict[str, tuple[Tensor, Tensor]]]) -> None:
         for sample in data_samples:
@@ -155,6 +156,8 @@ class EngineMetric(BaseMetric):
         for t, meter in self.meters.items():
             for k, v in meter.reduce([r[t] for r in results]).items():
                 out[f"{t}/{k}"] = float(v)
+        if self.per_image is not None:
+            self.per_image.append(per_image_blob(self.meters, results))
         return out
 
 
@@ -680,6 +683,8 @@ class EngineSetup:
     log_interval: int = 10
     meta: dict[str, Any] = field(default_factory=dict)
     collate_fn: Any = None
+    # one entry per validation run by this process (rank 0), in the order of the history entries it appends
+    per_image: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -714,7 +719,7 @@ def _runner_common(s: EngineSetup, model: EngineModel) -> dict[str, Any]:
         work_dir=str(s.work_dir),
         val_dataloader=val_loader,
         val_cfg=dict(),
-        val_evaluator=Evaluator(EngineMetric(s.meters)),
+        val_evaluator=Evaluator(EngineMetric(s.meters, s.per_image)),
         default_hooks=dict(
             checkpoint=None,
             logger=dict(type="LoggerHook", interval=s.log_interval),

@@ -25,12 +25,15 @@ class TaskSpec:
     loss_weight: float  # weight in the multi-task loss
     percent: bool  # primary metric is a fraction reported x100 in tables and Δm
     label: str  # column title in tables
+    # closed range of the primary metric in result units (IoU fractions in [0, 1], angles in [0, 180] degrees):
+    # a result outside it is refused by the leaderboard, never tabled. None: the task declares no bound.
+    bounds: tuple[float, float] | None = None
 
 
-SEMSEG = TaskSpec("semseg", "mIoU", True, 21, 1.0, True, "SemSeg mIoU")
-HUMAN_PARTS = TaskSpec("human_parts", "mIoU", True, 7, 2.0, True, "Parts mIoU")
-SAL = TaskSpec("sal", "mIoU", True, 1, 5.0, True, "Sal mIoU")
-NORMALS = TaskSpec("normals", "mean", False, 3, 10.0, False, "Normals mean°")
+SEMSEG = TaskSpec("semseg", "mIoU", True, 21, 1.0, True, "SemSeg mIoU", (0.0, 1.0))
+HUMAN_PARTS = TaskSpec("human_parts", "mIoU", True, 7, 2.0, True, "Parts mIoU", (0.0, 1.0))
+SAL = TaskSpec("sal", "mIoU", True, 1, 5.0, True, "Sal mIoU", (0.0, 1.0))
+NORMALS = TaskSpec("normals", "mean", False, 3, 10.0, False, "Normals mean°", (0.0, 180.0))
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (SEMSEG, HUMAN_PARTS, SAL, NORMALS)}
 
 

@@ -169,6 +169,14 @@ def validate_dict(data: Any, source: str) -> None:
 
 
 TMP_SUFFIX = ".tmp"
+PER_IMAGE_SUFFIX = ".per_image.json.gz"
+
+
+def per_image_path(result_path: str | os.PathLike[str]) -> Path:
+    """The per-image statistics beside a result: ``result.json`` -> ``result.per_image.json.gz`` (and
+    ``<run_id>.json`` -> ``<run_id>.per_image.json.gz``); what a confidence interval over images needs."""
+    p = Path(result_path)
+    return p.with_name(p.name.removesuffix(".json") + PER_IMAGE_SUFFIX)
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:

@@ -19,6 +19,7 @@ from benchmark.protocol import Protocol, delta_m, get_reference
 from benchmark.results import config_slug
 from leaderboard.data import ALL_TRAINABLE, ENCODER_SIDE, KnownInconsistency, PublishedRow
 from leaderboard.runs import Run
+from leaderboard.stats import DELTA_M, Interval, group_intervals
 
 # Printed Δm has 2 decimals and is computed from per-task values that are themselves printed with 2
 # decimals. Against the MTLoRA single-task row (67.21 / 61.93 / 62.35 / 17.97) the per-task rounding
@@ -100,6 +101,7 @@ def reproduced_frame(runs: Sequence[Run], protocol: Protocol) -> pd.DataFrame:
         mem_gib=("mem_gib", "mean"),
     ).reset_index()
     ref = get_reference(protocol.reference)
+    by_id = {r.run_id: r for r in runs}
     rows = []
     for rec in agg.to_dict("records"):
         config = json.loads(rec["config_json"])
@@ -137,9 +139,21 @@ def reproduced_frame(runs: Sequence[Run], protocol: Protocol) -> pd.DataFrame:
                 "init_differs": False,
                 "notes": "; ".join(notes),
                 "run_ids": rec["run_ids"],
+                **interval_columns(group_intervals([by_id[i] for i in rec["run_ids"]], protocol), protocol),
             }
         )
     return pd.DataFrame.from_records(rows, columns=frame_columns(protocol))
+
+
+def interval_columns(intervals: Mapping[str, Interval], protocol: Protocol) -> dict[str, Any]:
+    """``<task>_ci_lo`` / ``<task>_ci_hi`` (and ``delta_m_ci_*``) and ``ci_method``; NaN and "" without one."""
+    out: dict[str, Any] = {}
+    for k in (*protocol.task_names, DELTA_M):
+        iv = intervals.get(k)
+        out[f"{k}_ci_lo"] = iv.lower if iv else math.nan
+        out[f"{k}_ci_hi"] = iv.upper if iv else math.nan
+    out["ci_method"] = next(iter(intervals.values())).method if intervals else ""
+    return out
 
 
 def published_frame(
@@ -189,6 +203,7 @@ def published_frame(
                 "init_differs": row.init != ref.init,
                 "notes": " ".join(notes),
                 "run_ids": [],
+                **interval_columns({}, protocol),
             }
         )
     return pd.DataFrame.from_records(recs, columns=frame_columns(protocol))
@@ -223,6 +238,7 @@ def frame_columns(protocol: Protocol) -> list[str]:
         "n_seeds", "seeds", "delta_m", "delta_m_printed", "mismatch",
         "params_policy", "params_m", "params_m_max", "encoder_m", "encoder_m_max", "params_printed",
         "selection", "preset", "img_s", "mem_gib", "verified", "init", "init_differs", "notes", "run_ids",
+        *(f"{k}_ci_{e}" for k in (*tasks, DELTA_M) for e in ("lo", "hi")), "ci_method",
     ]  # fmt: skip
 
 

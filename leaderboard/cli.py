@@ -1,6 +1,8 @@
 """``leaderboard``: build the leaderboard, check it for regressions, validate result files.
 
-    leaderboard build results/ -o LEADERBOARD.md --plot docs/pareto.png [--csv leaderboard.csv] [--no-published]
+    leaderboard build results/ -o LEADERBOARD.md --plot docs/pareto.png [--csv leaderboard.csv] [--html site/]
+                      [--no-published]
+    leaderboard compare A B     (A, B: result files or folders, one configuration each)
     leaderboard check [results/] [--leaderboard LEADERBOARD.md] [--skip-params]
     leaderboard validate results/
 
@@ -10,6 +12,7 @@ Exit status: 0 ok, 1 bad input or failed checks (message on stderr, no traceback
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,11 +21,51 @@ from benchmark.results import atomic_write_text
 from leaderboard.errors import LeaderboardError
 
 
+def check_output_file(flag: str, path: str | os.PathLike[str]) -> None:
+    """An output file's folder must exist and be writable, and the file must not be a folder: checked before
+    anything is computed or written, so a typo costs nothing and leaves nothing half-written."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise LeaderboardError(f"{flag} {p}: is a folder; expected a file name")
+    if not parent.is_dir():
+        raise LeaderboardError(f"{flag} {p}: folder {parent} does not exist (create it first)")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise LeaderboardError(f"{flag} {p}: not writable (permission denied in {parent})")
+
+
+def check_output_dir(flag: str, path: str | os.PathLike[str]) -> None:
+    """An output folder: created by the build if missing, so its parent must exist and be writable."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise LeaderboardError(f"{flag} {p}: exists and is not a folder")
+    check_output_file(flag, p / "index.html") if p.is_dir() else check_output_file(flag, p)
+
+
+def check_published_dir(path: Path | None) -> None:
+    """``--published-dir`` given: it must be a folder holding the published rows of at least one protocol."""
+    if path is None:
+        return
+    from benchmark.protocol import PROTOCOLS
+
+    if not path.is_dir():
+        raise LeaderboardError(f"--published-dir {path}: folder not found")
+    expected = [f"{name}.csv" for name in sorted(PROTOCOLS)]
+    if not any((path / f).is_file() for f in expected):
+        raise LeaderboardError(f"--published-dir {path}: holds no published-data file (expected one of {expected})")
+
+
 def _build(args: argparse.Namespace) -> int:
     from leaderboard.build import collect, section_plot_path
     from leaderboard.checks import default_plot_link
     from leaderboard.tables import frame_to_csv, render_markdown
 
+    check_published_dir(args.published_dir)
+    for flag, value in (("-o", args.output), ("--plot", args.plot), ("--csv", args.csv)):
+        if value:
+            check_output_file(flag, value)
+    if args.html:
+        check_output_dir("--html", args.html)
     lb = collect(args.results, include_published=args.published, data_dir=args.published_dir)
     for m in lb.messages:
         print(f"leaderboard: {m}", file=sys.stderr)
@@ -37,6 +80,11 @@ def _build(args: argparse.Namespace) -> int:
         for s in lb.sections:
             pngs[section_plot_path(args.plot, s, len(lb.sections))] = render_png(s)
     csv_text = frame_to_csv(lb) if args.csv else None
+    site = None
+    if args.html:
+        from leaderboard.html import render_site
+
+        site = render_site(lb)
     for path, data in pngs.items():
         from benchmark.results import atomic_write_bytes
 
@@ -45,6 +93,11 @@ def _build(args: argparse.Namespace) -> int:
     if csv_text is not None:
         atomic_write_text(args.csv, csv_text)
         print(f"leaderboard: wrote {args.csv}", file=sys.stderr)
+    if site is not None:
+        from leaderboard.html import write_site
+
+        write_site(site, args.html)
+        print(f"leaderboard: wrote {Path(args.html) / 'index.html'} ({len(site)} files)", file=sys.stderr)
     if args.output:
         atomic_write_text(args.output, text)
         n = sum(s.n_reproduced_groups for s in lb.sections)
@@ -60,6 +113,7 @@ def _build(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from leaderboard.checks import TOLERANCE_POINTS, run_checks
 
+    check_published_dir(args.published_dir)
     report = run_checks(
         args.results or ["results"],
         leaderboard_path=None if args.no_stale else Path(args.leaderboard),
@@ -100,6 +154,22 @@ def _validate(args: argparse.Namespace) -> int:
     return 1 if loaded.errors else 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from leaderboard.aggregate import config_text
+    from leaderboard.compare import compare_runs, load_group, render
+
+    a, b = load_group(args.a, "A"), load_group(args.b, "B")
+    result = compare_runs(a, b)
+
+    def label(runs) -> str:
+        r = runs[0]
+        seeds = ",".join(str(x.data["seeds"][0]) for x in runs)
+        return f"{r.method} {config_text(r.config)} preset {r.data['preset']} seeds {seeds} ({r.protocol.id})"
+
+    sys.stdout.write(render(result, label(a), label(b), a[0].protocol))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="leaderboard",
@@ -115,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", help="markdown output (default: stdout)")
     b.add_argument("--csv", help="also write the table as CSV")
     b.add_argument("--plot", help="also write the Δm vs parameters plot (PNG); one file per protocol if several")
+    b.add_argument("--html", help="also write the leaderboard as a static web page (DIR/index.html, works offline)")
     b.add_argument("--published", action=argparse.BooleanOptionalAction, default=True, help="include published rows")
     b.add_argument("--published-dir", type=Path, default=None, help=data_help)
     b.set_defaults(func=_build)
@@ -131,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--published-dir", type=Path, default=None, help=data_help)
     c.set_defaults(func=_check)
+
+    k = sub.add_parser("compare", help="do two reproduced configurations differ? difference, interval, p-value")
+    k.add_argument("a", help="result file or folder of configuration A (its successful runs: one configuration)")
+    k.add_argument("b", help="result file or folder of configuration B")
+    k.set_defaults(func=_compare)
 
     v = sub.add_parser("validate", help="validate result files only")
     v.add_argument("results", nargs="+", help="result files or folders")

@@ -31,13 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmark.protocol import REFERENCES, Protocol
+from benchmark.protocol import REFERENCES, Protocol, TaskSpec, table_value
+from benchmark.results import ResultError
 from leaderboard.errors import PublishedDataError
+from leaderboard.validate import loads_bounded
 
 PUBLISHED_DIR = Path(__file__).resolve().parent / "published"
 KNOWN_INCONSISTENCIES_FILE = "known_inconsistencies.csv"
 EXPECTED_PARAMS_FILE = "expected_params.csv"
 _EXTRA = "__extra_fields__"  # DictReader key for fields beyond the header
+MAX_CSV_BYTES = 2**20  # the committed files are a few KiB
+MAX_CELL = 1000  # characters in one cell (the longest note is a few hundred)
 PARAM_FIELDS = ("trainable", "decoders", "adapter", "other_trainable_backbone", "total")
 # counting policies of a trainable-parameter count, and how tables name them
 ALL_TRAINABLE = "all-trainable"
@@ -119,11 +123,24 @@ class ExpectedParams:
 def _read_rows(path: Path, required: Sequence[str], optional: Sequence[str] = ()) -> list[tuple[int, dict[str, str]]]:
     """Rows as (row number, {column: stripped text}); every column must be in the header (row 1)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise PublishedDataError(f"{path}: published-data file not found") from None
     except OSError as e:
         raise PublishedDataError(f"{path}: cannot read ({e.strerror})") from e
+    if len(raw) > MAX_CSV_BYTES:
+        raise PublishedDataError(f"{path}: {len(raw)} bytes; a published-data file is at most {MAX_CSV_BYTES}")
+    try:
+        text = raw.decode("utf-8-sig")  # a spreadsheet's byte-order mark is not part of the first column name
+    except UnicodeDecodeError as e:
+        raise PublishedDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return _parse_rows(path, text, required, optional)
+    except csv.Error as e:  # NUL bytes, a field over the csv module's size limit, ...
+        raise PublishedDataError(f"{path}: not a readable CSV file ({e})") from None
+
+
+def _parse_rows(path: Path, text: str, required: Sequence[str], optional: Sequence[str]) -> list:
     reader = csv.DictReader(text.splitlines(keepends=True), restkey=_EXTRA)
     header = reader.fieldnames or []
     if not header:
@@ -150,6 +167,11 @@ def _read_rows(path: Path, required: Sequence[str], optional: Sequence[str] = ()
             if rec.get(col) is None:  # short row: DictReader fills missing trailing fields with None
                 raise PublishedDataError(f"{path}, row {n}, column {col!r}: missing (the row has too few fields)")
         clean = {k: v.strip() for k, v in rec.items()}
+        for col, v in clean.items():
+            if len(v) > MAX_CELL or any(ord(c) < 32 for c in v):
+                raise PublishedDataError(
+                    f"{path}, row {n}, column {col!r}: expected one line of text of at most {MAX_CELL} characters"
+                )
         for col in required:
             if clean[col] == "":
                 raise PublishedDataError(f"{path}, row {n}, column {col!r}: empty; a value is required")
@@ -161,6 +183,8 @@ def _float(path: Path, n: int, col: str, text: str, allow_empty: bool = False) -
     if text == "" and allow_empty:
         return None
     try:
+        if len(text) > 40:
+            raise ValueError(text)
         v = float(text)
     except ValueError:
         raise PublishedDataError(f"{path}, row {n}, column {col!r}: expected a number, got {text!r}") from None
@@ -173,9 +197,30 @@ def _int(path: Path, n: int, col: str, text: str, allow_empty: bool = False) -> 
     if text == "" and allow_empty:
         return None
     try:
+        if len(text) > 20:
+            raise ValueError(text)
         return int(text)
     except ValueError:
         raise PublishedDataError(f"{path}, row {n}, column {col!r}: expected an integer, got {text!r}") from None
+
+
+def _metric(path: Path, n: int, task: TaskSpec, text: str) -> float:
+    """A per-task value in table units, inside the task's declared bounds (mIoU in [0, 100] %, angles [0, 180])."""
+    v = _float(path, n, task.name, text)
+    if task.bounds is not None:
+        lo, hi = (table_value(task, b) for b in task.bounds)
+        if not lo <= v <= hi:
+            raise PublishedDataError(
+                f"{path}, row {n}, column {task.name!r}: expected a value in [{lo:g}, {hi:g}] ({task.label}), got {text!r}"
+            )
+    return v
+
+
+def _nonneg(path: Path, n: int, col: str, text: str) -> float | None:
+    v = _float(path, n, col, text, allow_empty=True)
+    if v is not None and v < 0:
+        raise PublishedDataError(f"{path}, row {n}, column {col!r}: expected a number >= 0, got {text!r}")
+    return v
 
 
 def _bool(path: Path, n: int, col: str, text: str) -> bool:
@@ -194,9 +239,9 @@ def _policy(path: Path, n: int, text: str) -> str:
 
 def _config(path: Path, n: int, col: str, text: str) -> dict[str, Any]:
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PublishedDataError(f"{path}, row {n}, column {col!r}: not valid JSON ({e.msg}): {text!r}") from None
+        value = loads_bounded(text, f"{path}, row {n}, column {col!r}", "config", depth=6)
+    except ResultError as e:
+        raise PublishedDataError(str(e)) from None
     if not isinstance(value, dict):
         raise PublishedDataError(f"{path}, row {n}, column {col!r}: expected a JSON object, got {text!r}")
     return value
@@ -250,9 +295,9 @@ def load_published(protocol: Protocol, data_dir: Path | None = None) -> list[Pub
                 label=r["label"],
                 variant=r["variant"],
                 config=_config(path, n, "config", r["config"]),
-                metrics={t: _float(path, n, t, r[t]) for t in protocol.task_names},
+                metrics={t.name: _metric(path, n, t, r[t.name]) for t in protocol.tasks},
                 delta_m_printed=_float(path, n, "delta_m_printed", r["delta_m_printed"]),
-                params_m_printed=_float(path, n, "params_m_printed", r["params_m_printed"], allow_empty=True),
+                params_m_printed=_nonneg(path, n, "params_m_printed", r["params_m_printed"]),
                 params_policy=_policy(path, n, r["params_policy"]),
                 backbone=r["backbone"],
                 init=r["init"],
@@ -283,7 +328,7 @@ def load_fragments(protocol: Protocol, data_dir: Path | None = None) -> list[Fra
             method=r["method"],
             label=r["label"],
             delta_m_printed=_float(path, n, "delta_m_printed", r["delta_m_printed"], allow_empty=True),
-            params_m_printed=_float(path, n, "params_m_printed", r["params_m_printed"], allow_empty=True),
+            params_m_printed=_nonneg(path, n, "params_m_printed", r["params_m_printed"]),
             claimed_source=r["claimed_source"],
             notes=r["notes"],
             params_policy=_policy(path, n, r["params_policy"]),

@@ -10,7 +10,6 @@ must be valid results; other JSON files met by a folder scan are skipped unless 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -22,6 +21,8 @@ from typing import Any
 from benchmark.protocol import Protocol, delta_m, get_protocol, get_reference, table_value
 from benchmark.results import ResultError, validate_dict
 from leaderboard.errors import LeaderboardError, ResultsNotFoundError
+from leaderboard.stats import load_per_image
+from leaderboard.validate import check_names, check_result_fields, read_json
 
 # The stored Δm must be what the metrics give: same formula, same inputs, so only float noise may differ.
 DELTA_M_STORED_REL_TOL = 1e-9
@@ -34,6 +35,7 @@ class Run:
 
     path: Path
     data: dict[str, Any]
+    per_image: Any = field(default=None, compare=False, repr=False)  # leaderboard.stats.PerImage or None
 
     @property
     def run_id(self) -> str:
@@ -110,7 +112,10 @@ def validate_result(data: Any, source: str) -> None:
     of the same protocol and equals the Δm recomputed from the metrics (relative tolerance 1e-9).
     Raises ``ResultError`` naming the file and the field.
     """
+    if isinstance(data, dict):
+        check_names(data, source)  # before a run id or a table cell is derived from them
     validate_dict(data, source)
+    check_result_fields(data, source)
     if data["status"] != "success":
         return
     try:
@@ -173,17 +178,12 @@ def load_results(paths: Sequence[str | os.PathLike[str]]) -> LoadedResults:
         # file a folder scan meets (logs, configs in a work dir) is skipped, and reported, unless it looks like one.
         must_be_result = _named_like_result(path) or path.resolve() in explicit
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            out.errors.append(f"{path}: cannot read result file ({e})")
-            continue
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
+            data = read_json(path)
+        except ResultError as e:
             if must_be_result:
-                out.errors.append(f"{path}: not valid JSON (truncated or corrupt?): {e}")
+                out.errors.append(str(e))
             else:
-                out.skipped.append((path, f"not a result file (not a JSON object: {e.msg})"))
+                out.skipped.append((path, f"not a result file ({str(e).removeprefix(f'{path}: ')})"))
             continue
         if not must_be_result and not _looks_like_result(data):
             out.skipped.append((path, "not a result file (a JSON file without 'schema' or 'run_id')"))
@@ -206,7 +206,12 @@ def load_results(paths: Sequence[str | os.PathLike[str]]) -> LoadedResults:
         if rid in by_id:
             out.errors.append(f"duplicate run_id {rid!r}: {by_id[rid]} and {path}")
             continue
+        try:
+            per_image = load_per_image(path, data, get_protocol(data["protocol"]["name"]))
+        except ResultError as e:
+            out.errors.append(str(e))
+            continue
         by_id[rid] = path
-        out.runs.append(Run(path, data))
+        out.runs.append(Run(path, data, per_image))
     out.runs.sort(key=lambda r: r.run_id)
     return out

@@ -12,6 +12,7 @@ from benchmark.protocol import Protocol, get_reference
 from leaderboard.aggregate import DELTA_M_ROUNDING_TOL
 from leaderboard.build import Leaderboard, Section, section_plot_path
 from leaderboard.data import ALL_TRAINABLE, ENCODER_SIDE, PARAM_POLICIES, UNSTATED
+from leaderboard.validate import csv_cell, md_cell
 
 MISSING = "–"
 BUILD_COMMAND = "leaderboard build results/ -o LEADERBOARD.md --plot docs/pareto.png"
@@ -39,10 +40,18 @@ def fmt(v: Any, spec: str = ".2f") -> str:
     return MISSING if _isnan(v) else format(v, spec)
 
 
-def _cell_metric(mean: float, std: float, n: int) -> str:
-    if n >= 2 and not _isnan(std):
-        return f"{mean:.2f} ± {std:.2f}"
-    return fmt(mean)
+def half_width(row: dict[str, Any], key: str) -> float:
+    """Half the width of a row's 95% interval for ``key`` (a task or ``delta_m``); NaN when it has none."""
+    lo, hi = row.get(f"{key}_ci_lo", math.nan), row.get(f"{key}_ci_hi", math.nan)
+    return math.nan if _isnan(lo) or _isnan(hi) else (hi - lo) / 2
+
+
+def value_cell(row: dict[str, Any], key: str, spec: str = ".2f") -> str:
+    """``value ± half-width`` of the 95% interval where the row has one, else the bare value."""
+    v, h = row[key], half_width(row, key)
+    if _isnan(v):
+        return MISSING
+    return format(v, spec) if _isnan(h) else f"{format(v, spec)} ± {h:.2f}"
 
 
 def _source_cell(row: dict[str, Any], section: Section) -> str:
@@ -95,8 +104,8 @@ def table_rows(section: Section) -> tuple[list[str], list[list[str]]]:
                 row["method"] if reproduced else row["label"] + (f" [{row['init']}]" if row["init_differs"] else ""),
                 row["config_text"],
                 _source_cell(row, section),
-                *(_cell_metric(row[t], row[f"{t}_std"], row["n_seeds"]) for t in p.task_names),
-                MISSING if _isnan(row["delta_m"]) else f"{row['delta_m']:+.2f}",
+                *(value_cell(row, t) for t in p.task_names),
+                value_cell(row, "delta_m", "+.2f"),
                 printed,
                 _params_cell(row),
                 _encoder_cell(row),
@@ -106,7 +115,7 @@ def table_rows(section: Section) -> tuple[list[str], list[list[str]]]:
                 fmt(row["mem_gib"], ".2f"),
             ]
         )
-    return headers, rows
+    return headers, [[md_cell(c) for c in r] for r in rows]
 
 
 def markdown_table(headers: list[str], rows: list[list[str]], align: list[str]) -> str:
@@ -139,8 +148,11 @@ def render_section(section: Section, lb: Leaderboard, plot_link: str | None) -> 
     align = ["right", "left", "left", "left"] + ["right"] * (n_tasks + 4) + ["left", "left", "right", "right"]
     out += [markdown_table(headers, rows, align), ""]
     foot = [
-        "Per-task values are in table units (mIoU in %, normals mean angle in degrees); reproduced rows show "
-        "mean ± sample std over seeds. Throughput and peak memory are the training figures the runs record.",
+        "Per-task values are in table units (mIoU in %, normals mean angle in degrees). Reproduced rows show the "
+        "mean over seeds ± the half-width of its 95% interval: a t-interval over the seeds when there are several, "
+        "else a bootstrap over the run's validation images (`leaderboard/stats.py`; the web page's detail view "
+        "says which). Published rows have no interval: their sources print single numbers. Throughput and peak "
+        "memory are the training figures the runs record.",
         f"Parameters in millions, under two counting policies. Trainable: {PARAM_POLICIES[ALL_TRAINABLE]} (the rule "
         f"of the official MTLoRA code and of this protocol). Encoder-side: {PARAM_POLICIES[ENCODER_SIDE]}, the "
         "trainable parameters outside the decoders. Reproduced rows show both, from the run's parameter breakdown. "
@@ -164,20 +176,20 @@ def render_section(section: Section, lb: Leaderboard, plot_link: str | None) -> 
     for row in section.frame.to_dict("records"):
         if row["mismatch"]:
             foot.append(
-                f"{MISMATCH} `{row['id']}`: printed Δm {row['delta_m_printed']:+.2f} differs from the recomputed "
-                f"{row['delta_m']:+.2f} by more than rounding ({DELTA_M_ROUNDING_TOL}). {row['mismatch']}"
+                f"{MISMATCH} `{md_cell(row['id'])}`: printed Δm {row['delta_m_printed']:+.2f} differs from the recomputed "
+                f"{row['delta_m']:+.2f} by more than rounding ({DELTA_M_ROUNDING_TOL}). {md_cell(row['mismatch'])}"
             )
     out += [line for f in foot for line in (f, "")]
     if plot_link:
         out += [f"![Δm against trainable parameters, {p.name} v{p.version}]({plot_link})", ""]
         unplotted = [r for r in section.frame.to_dict("records") if _isnan(r["params_m"]) or _isnan(r["delta_m"])]
         if unplotted:
-            names = ", ".join(r["label"] for r in unplotted)
+            names = ", ".join(md_cell(r["label"]) for r in unplotted)
             out += [f"Not in the plot (no parameter count under the Trainable policy): {names}.", ""]
     noted = [r for r in section.published if r.notes]
     if noted:
         out += ["### Notes on published rows", ""]
-        out += [f"- `{r.id}` ({r.label}, {r.source}): {r.notes}" for r in noted]
+        out += [f"- `{md_cell(r.id)}` ({md_cell(r.label)}, {md_cell(r.source)}): {md_cell(r.notes)}" for r in noted]
         out += [""]
     if section.fragments:
         out += [
@@ -188,8 +200,8 @@ def render_section(section: Section, lb: Leaderboard, plot_link: str | None) -> 
             "",
         ]
         frag_rows = [
-            [f.label, MISSING if f.delta_m_printed is None else f"{f.delta_m_printed:+.2f}", fmt(f.params_m_printed),
-             PARAM_POLICIES[f.params_policy], f.claimed_source, f.notes]
+            [md_cell(c) for c in (f.label, MISSING if f.delta_m_printed is None else f"{f.delta_m_printed:+.2f}",
+             fmt(f.params_m_printed), PARAM_POLICIES[f.params_policy], f.claimed_source, f.notes)]
             for f in section.fragments
         ]  # fmt: skip
         out += [
@@ -219,7 +231,7 @@ def render_markdown(lb: Leaderboard, plot_link: str | None = "docs/pareto.png") 
     ]
     if lb.results.skipped:
         out += [f"Skipped {len(lb.results.skipped)} result file(s):", ""]
-        out += [f"- `{path.as_posix()}`: {why}" for path, why in lb.results.skipped] + [""]
+        out += [f"- `{md_cell(path.as_posix())}`: {md_cell(why)}" for path, why in lb.results.skipped] + [""]
     for section in lb.sections:
         link = section_plot_path(plot_link, section, len(lb.sections)) if plot_link else None
         out += render_section(section, lb, link)
@@ -235,7 +247,7 @@ def frame_to_csv(lb: Leaderboard) -> str:
         df = s.frame.copy()
         df.insert(0, "protocol", f"{s.protocol.name}.v{s.protocol.version}")
         df["run_ids"] = df["run_ids"].map(lambda ids: ";".join(ids))
-        frames.append(df)
+        frames.append(df.map(csv_cell))  # text cells only: numbers stay numbers
     if not frames:
         return ""
     return pd.concat(frames, ignore_index=True).to_csv(index=False, float_format="%.6f", lineterminator="\n")

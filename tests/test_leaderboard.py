@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from scipy.stats import t as t_dist
 
 from benchmark.protocol import PASCAL_CONTEXT as P
 from benchmark.protocol import REFERENCES, delta_m, table_value
@@ -147,8 +148,11 @@ def test_build_groups_seeds_and_reports_skips(results, tmp_path, capsys, monkeyp
     for t, h in zip(P.task_names, header[4:8], strict=True):
         xs = [v[t] for v in per_seed]
         means[t] = statistics.mean(xs)
-        assert row[h] == f"{means[t]:.2f} ± {statistics.stdev(xs):.2f}"
-    assert row["Δm % ↑"] == f"{delta_m(means, REFERENCES[P.reference].values, P.tasks):+.2f}"
+        half = t_dist.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / len(xs) ** 0.5  # 95% t-interval over seeds
+        assert row[h] == f"{means[t]:.2f} ± {half:.2f}"
+    dms_seed = [delta_m(v, REFERENCES[P.reference].values, P.tasks) for v in per_seed]
+    half = t_dist.ppf(0.975, 2) * statistics.stdev(dms_seed) / 3**0.5
+    assert row["Δm % ↑"] == f"{delta_m(means, REFERENCES[P.reference].values, P.tasks):+.2f} ± {half:.2f}"
     assert row["Source"] == "reproduced" and row["Δm printed"] == "–"
     assert row["Seeds"] == "3 (0,1,2)" and row["Selection"] == "final"
     assert row["Trainable (M) ↓"] == "8.34" and row["Train img/s ↑"] == "101.0" and row["Peak mem (GiB) ↓"] == "11.00"
@@ -165,7 +169,7 @@ def test_build_groups_seeds_and_reports_skips(results, tmp_path, capsys, monkeyp
     assert "mtlora-table1-single-task" in md  # Δm names its reference
     # rows sorted by recomputed Δm, best first, numbered
     assert [r["#"] for r in rows] == [str(i) for i in range(1, len(rows) + 1)] and len(rows) == 16
-    dms = [float(r["Δm % ↑"]) for r in rows]
+    dms = [float(r["Δm % ↑"].split(" ± ")[0]) for r in rows]
     assert dms == sorted(dms, reverse=True)
     csv_rows = list(csv.DictReader(io.StringIO(Path("lb.csv").read_text())))
     rep = next(r for r in csv_rows if r["kind"] == "reproduced" and r["method"] == "mtlora")
@@ -565,7 +569,7 @@ def test_leaderboard_imports_without_torch(tmp_path):
         import leaderboard.cli
         from leaderboard.checks import run_checks
         rc = leaderboard.cli.main(["build", {str(ROOT / "results")!r}, "-o", {str(tmp_path / "lb.md")!r},
-                                   "--plot", {str(tmp_path / "lb.png")!r}])
+                                   "--plot", {str(tmp_path / "lb.png")!r}, "--html", {str(tmp_path / "site")!r}])
         assert rc == 0, rc
         report = run_checks([{str(ROOT / "results")!r}], leaderboard_path=None, skip_params=True)
         assert report.ok, report.failures
@@ -577,9 +581,10 @@ def test_leaderboard_imports_without_torch(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 0 and "TORCH-FREE OK" in p.stdout, p.stderr[-3000:]
     assert "| MTLoRA r=64 " in (tmp_path / "lb.md").read_text()
+    assert "MTLoRA r=64" in (tmp_path / "site" / "data.js").read_text()
 
 
-ALLOWED_THIRD_PARTY = {"pandas", "tabulate", "matplotlib"}
+ALLOWED_THIRD_PARTY = {"pandas", "tabulate", "matplotlib", "numpy", "scipy"}  # + plotly's bundle, read as a file
 ALLOWED_FIRST_PARTY = {"benchmark.protocol", "benchmark.results", "leaderboard"}
 
 

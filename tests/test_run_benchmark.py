@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -125,6 +126,9 @@ def test_eval_only_with_two_processes_equals_one(trained, tmp_path):
     b = json.loads((two / "result.json").read_text())
     assert b["env"]["world_size"] == 2 and a["env"]["world_size"] == 1
     assert a["metrics"] == b["metrics"]
+    # the per-image statistics (the bootstrap's input) come back in the same image order from 2 processes
+    pa, pb = (gzip.decompress((d / "result.per_image.json.gz").read_bytes()) for d in (one, two))
+    assert pa == pb and json.loads(pa)["run_id"] == a["run_id"]
     # and both equal the validation at the end of training
     assert a["metrics"] == json.loads((trained / "result.json").read_text())["metrics"]
 

@@ -1,0 +1,171 @@
+"""The web page in a real browser: headless Chromium (Debian's ``chromium`` + ``chromium-driver``, installed in CI
+by ``.ci/browser_deps.sh``) loads ``leaderboard build --html`` output from disk (file://, no server, no network).
+
+Asserts on the rendered DOM: every row present, sorting by a column orders the rows by that column (both
+directions, missing values last), a filter hides exactly the rows it should and the plots follow it, one plot
+point per plotted row, the detail row of a reproduced row shows its command, interval and result link; no
+console message of level warning or error. A screenshot is written to ``$MTPEFT_TEST_ARTIFACTS`` (default: the
+test's tmp folder).
+
+Skipped only when Chromium is absent and the environment variable CI is not set; with CI=true a missing browser
+fails the test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from test_leaderboard import seeds_vals, write_run
+
+from benchmark.protocol import PASCAL_CONTEXT as P
+from leaderboard.cli import main
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+
+
+def _browser_or_skip():
+    if CHROMIUM and DRIVER:
+        try:
+            import selenium  # noqa: F401
+        except ImportError:
+            if os.environ.get("CI"):
+                pytest.fail("CI: selenium is not installed (pip install -e .[test])")
+            pytest.skip("selenium not installed")
+        return
+    if os.environ.get("CI"):
+        pytest.fail("CI: chromium / chromedriver not found; run .ci/browser_deps.sh")
+    pytest.skip("chromium and chromedriver not installed (apt-get install chromium chromium-driver)")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("site")
+    root = tmp / "results"
+    for seed, d in enumerate((0.0, 0.3)):
+        write_run(root, seed=seed, vals=seeds_vals(d))  # mtlora r64, 2 seeds: a t-interval
+    write_run(root, method="decoders_only", config={}, vals=seeds_vals(-6.0), cost={})  # no throughput, no memory
+    assert main(["build", str(root), "--html", str(tmp / "site")]) == 0
+    return tmp / "site"
+
+
+@pytest.fixture(scope="module")
+def driver():
+    _browser_or_skip()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1600,1300"):
+        opts.add_argument(a)
+    opts.binary_location = CHROMIUM
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    d = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    yield d
+    d.quit()
+
+
+def _rows(driver):
+    return driver.find_elements("css selector", "section table.board tbody tr.row")
+
+
+def _visible(driver):
+    return [r for r in _rows(driver) if r.is_displayed()]
+
+
+def _cell(row, key: str) -> str:
+    return row.find_element("css selector", f'td[data-key="{key}"]').text
+
+
+def _num(text: str) -> float:
+    return math.nan if text == "–" else float(text.split(" ± ")[0].split("–")[0])
+
+
+def _plot_points(driver, plot: str) -> tuple[int, int]:
+    """(points in plotly's data, point elements drawn in its first trace)."""
+    sel = f'.plot[data-plot="{plot}"]'
+    n_data = driver.execute_script(f"return document.querySelector('{sel}').data[0].x.length")
+    n_svg = len(driver.find_elements("css selector", f"{sel} .scatterlayer .trace:first-child path.point"))
+    return n_data, n_svg
+
+
+def test_page_renders_sorts_filters_and_plots(site, driver, tmp_path):
+    from leaderboard.build import collect
+
+    driver.get((site / "index.html").as_uri())
+    assert driver.execute_script("return document.body.getAttribute('data-ready')") == "1"
+    frame = collect([site.parent / "results"]).sections[0].frame
+    rows = _rows(driver)
+    assert len(rows) == len(frame)
+    assert [_cell(r, "method") for r in rows] == [
+        m if k == "reproduced" else lab
+        for m, k, lab in zip(frame["method"], frame["kind"], frame["label"], strict=True)
+    ]
+    # the 2-seed row: value ± half-width; the 1-seed row without per-image statistics and published rows: none
+    repro = {_cell(r, "method"): r for r in rows if r.get_attribute("data-kind") == "reproduced"}
+    assert sorted(repro) == ["decoders_only", "mtlora"]
+    assert " ± " in _cell(repro["mtlora"], "delta_m") and " ± " not in _cell(repro["decoders_only"], "delta_m")
+    assert all(" ± " not in _cell(r, "delta_m") for r in rows if r.get_attribute("data-kind") == "published")
+
+    # sort by trainable parameters: ascending then descending, rows without a count last both ways
+    header = driver.find_element("css selector", 'section th[data-key="params_m"]')
+    header.click()
+    desc = [_num(_cell(r, "params_m")) for r in _rows(driver)]
+    known = [v for v in desc if not math.isnan(v)]
+    assert known == sorted(known, reverse=True) and all(math.isnan(v) for v in desc[len(known) :])
+    assert header.find_element("css selector", ".arrow").text == "▼"
+    header.click()
+    asc = [_num(_cell(r, "params_m")) for r in _rows(driver)]
+    assert [v for v in asc if not math.isnan(v)] == sorted(known)
+    assert header.find_element("css selector", ".arrow").text == "▲"
+    driver.find_element("css selector", 'section th[data-key="method"]').click()
+    names = [_cell(r, "method") for r in _rows(driver)]
+    assert names == sorted(names, key=lambda s: s.lower()) or names == sorted(names)
+
+    # one plot point per plotted row (Δm and a positive parameter count)
+    plotted = int(((frame["params_m"] > 0) & frame["delta_m"].notna()).sum())
+    assert _plot_points(driver, "params") == (plotted, plotted)
+    # throughput: only the mtlora group recorded it
+    assert _plot_points(driver, "img_s") == (1, 1)
+
+    # filter to reproduced rows: the published ones are hidden, and leave the plot
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element("css selector", 'select[data-filter="source_kind"]')).select_by_value("reproduced")
+    vis = _visible(driver)
+    assert len(vis) == 2 and all(r.get_attribute("data-kind") == "reproduced" for r in vis)
+    assert _plot_points(driver, "params") == (2, 2)
+
+    # detail row: command, interval, provenance, link to the result file (which exists in the site)
+    target = next(r for r in vis if _cell(r, "method") == "mtlora")
+    target.click()
+    detail = driver.find_element("css selector", "tr.detail").text
+    assert "run_benchmark --method mtlora --preset paper --seed" in detail
+    assert "t-interval over 2 seeds" in detail and "95% intervals" in detail
+    links = driver.find_elements("css selector", "tr.detail a.result-link")
+    assert len(links) == 2
+    for a in links:
+        href = a.get_attribute("href")
+        assert href.startswith("file://") and Path(href.removeprefix("file://")).is_file()
+
+    shot = Path(os.environ.get("MTPEFT_TEST_ARTIFACTS", tmp_path)) / "leaderboard_page.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    Select(driver.find_element("css selector", 'select[data-filter="source_kind"]')).select_by_value("")
+    assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    logs = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+    assert not logs, logs
+
+
+def test_published_flags_have_their_note_on_hover(site, driver):
+    driver.get((site / "index.html").as_uri())
+    flags = driver.find_elements("css selector", "td.source .flag")
+    assert flags and all(f.get_attribute("title") for f in flags)
+    kinds = {f.get_attribute("class").split()[-1] for f in flags}
+    assert "unverified" in kinds and "inconsistent" in kinds  # the committed data holds both kinds
+    assert P.name in driver.find_element("css selector", "section h2").text
+    assert not [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
