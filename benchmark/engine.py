@@ -612,6 +612,18 @@ def param_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optim_wrapper(
+    optimizer: torch.optim.Optimizer, device: str, amp_dtype: str | None, clip_grad: float
+) -> OptimWrapper:
+    """The update a run uses: on CUDA with ``amp_dtype`` ("float16" / "bfloat16") autocast plus mmengine's
+    dynamic loss scaling (scaled backward, unscale, clip, step or skip on non-finite gradients, rescale);
+    otherwise fp32 (AMP is never used on the CPU). Gradients are clipped to ``clip_grad`` (L2) either way."""
+    clip = dict(max_norm=clip_grad, norm_type=2)
+    if device == "cuda" and amp_dtype:
+        return AmpOptimWrapper(optimizer=optimizer, clip_grad=clip, dtype=amp_dtype)
+    return OptimWrapper(optimizer=optimizer, clip_grad=clip)
+
+
 @dataclass
 class Schedule:
     peak_lr: float
@@ -692,6 +704,7 @@ class EngineOutcome:
     peak_mem_bytes: int
     resumed_from: str | None
     final_metrics: dict[str, dict[str, float]]
+    peak_mem_reserved_bytes: int | None = None  # CUDA: the caching allocator's peak (None on the CPU)
 
 
 def _distributed() -> bool:
@@ -751,6 +764,10 @@ def _val_sampler(dataset: Dataset) -> Sampler[int]:
     return DefaultSampler(dataset, shuffle=False, round_up=True)
 
 
+def _peak_reserved(device: str) -> int | None:
+    return int(torch.cuda.max_memory_reserved()) if device == "cuda" else None
+
+
 def _peak_mem(device: str) -> int:
     if device == "cuda":
         return int(torch.cuda.max_memory_allocated())
@@ -774,11 +791,7 @@ def train(s: EngineSetup) -> EngineOutcome:
         persistent_workers=False,  # workers must see the dataset's epoch (set per epoch for augmentation seeds)
     )
     optimizer = torch.optim.AdamW(param_groups(s.net, s.weight_decay), lr=s.schedule.peak_lr, betas=s.betas, eps=s.eps)
-    clip = dict(max_norm=s.clip_grad, norm_type=2)
-    if s.device == "cuda" and s.amp_dtype:
-        optim_wrapper: OptimWrapper = AmpOptimWrapper(optimizer=optimizer, clip_grad=clip, dtype=s.amp_dtype)
-    else:
-        optim_wrapper = OptimWrapper(optimizer=optimizer, clip_grad=clip)
+    optim_wrapper = build_optim_wrapper(optimizer, s.device, s.amp_dtype, s.clip_grad)
     hook = BenchmarkHook(model, ckpt_dir, s.meta, s.protocol, s.tasks, s.ckpt_interval, resume=s.resume)
     kw = _runner_common(s, model)
     runner = Runner(
@@ -809,6 +822,7 @@ def train(s: EngineSetup) -> EngineOutcome:
         peak_mem_bytes=_peak_mem(s.device),
         resumed_from=hook.resumed_from,
         final_metrics=final,
+        peak_mem_reserved_bytes=_peak_reserved(s.device),
     )
 
 
@@ -842,6 +856,7 @@ def evaluate(s: EngineSetup) -> EngineOutcome:
         peak_mem_bytes=_peak_mem(s.device),
         resumed_from=None,
         final_metrics=metrics,
+        peak_mem_reserved_bytes=_peak_reserved(s.device),
     )
 
 
