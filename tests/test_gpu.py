@@ -257,7 +257,7 @@ DDP.__init__ = announce
 backend = "nccl" if device == "cuda" else "gloo"
 if device == "cuda":
     torch.cuda.set_device(0)
-dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)  # torchrun's env
 from benchmark.cli import main
 rc = main(argv)
 print(f"process group: backend {dist.get_backend()}, world {dist.get_world_size()}")
@@ -272,8 +272,10 @@ def test_one_process_group_run_equals_the_run_without_one(uninterrupted, tmp_pat
     of the same run without a process group (DDP averages gradients over one process: no change)."""
     device, ref = uninterrupted
     wd = tmp_path / "ddp"
-    cmd = [sys.executable, "-c", ONE_PROCESS_GROUP, device, str(free_port()), *tiny(device), "--work-dir", str(wd)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600, cwd=ROOT)
+    port = str(free_port())
+    cmd = [sys.executable, "-c", ONE_PROCESS_GROUP, device, port, *tiny(device), "--work-dir", str(wd)]
+    torchrun_env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **torchrun_env}, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     backend = "nccl" if device == "cuda" else "gloo"
     assert f"process group: backend {backend}, world 1" in p.stdout
