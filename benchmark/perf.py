@@ -40,6 +40,7 @@ latter with a dynamic ``GradScaler`` (scaled backward, unscale, clip, step or sk
 AMP does; the JSON's ``config.amp`` and ``config.grad_scaler`` say which, and fp16 entries count the steps the
 scaler skipped (``scaler_skipped_steps``).
 
+``--train-only`` skips the forward and evaluation rounds (with ``--compile``: one compiled graph per model).
 ``--backbone-only`` times the Swin alone (its features into a mean-square loss; no decoders, no evaluation), the
 setting of the issue's reference figures on a plain timm Swin-T.
 
@@ -375,8 +376,13 @@ def train_step_flops(bench: Bench) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
-        bench.train_step()
+    fn = bench.fn
+    bench.fn = bench.net.backbone if bench.backbone_only else bench.net  # eager: compiling changes no arithmetic
+    try:
+        with counter:
+            bench.train_step()
+    finally:
+        bench.fn = fn
     return int(counter.get_total_flops())
 
 
@@ -709,23 +715,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             merged_counts[b.entry.label] = n
             yield
 
-    fwd = interleaved(benches, Bench.forward, args.steps, 1, "forward (merged)", merged)
-    evl = {} if args.backbone_only else interleaved(benches, Bench.eval_step, args.steps, 1, "eval (merged)", merged)
-    raw = interleaved(benches, Bench.forward, args.steps, 1, "forward (unmerged)")
-    reference = next(b for b in benches if b.entry.label == "reference")  # parse_methods adds it when missing
-    meters_ms = None if args.backbone_only else meter_times(reference, args.steps)
+    fwd, evl, raw, meters_ms = {}, {}, {}, None
+    if not args.train_only:
+        fwd = interleaved(benches, Bench.forward, args.steps, 1, "forward (merged)", merged)
+        if not args.backbone_only:
+            evl = interleaved(benches, Bench.eval_step, args.steps, 1, "eval (merged)", merged)
+        raw = interleaved(benches, Bench.forward, args.steps, 1, "forward (unmerged)")
+        reference = next(b for b in benches if b.entry.label == "reference")  # parse_methods adds it when missing
+        meters_ms = None if args.backbone_only else meter_times(reference, args.steps)
     for b in benches:
         r = results[b.entry.label]
         r["step_s"] = _median(steps[b.entry.label])
         r["step_s_samples"] = steps[b.entry.label]
-        r["forward_ips"] = args.batch / _median(fwd[b.entry.label])
-        r["forward_unmerged_ips"] = args.batch / _median(raw[b.entry.label])
+        if fwd:
+            r["forward_ips"] = args.batch / _median(fwd[b.entry.label])
+            r["forward_unmerged_ips"] = args.batch / _median(raw[b.entry.label])
+            r["forward_s_samples"] = fwd[b.entry.label]
+            r["forward_unmerged_s_samples"] = raw[b.entry.label]
         if evl:
             r["eval_ips"] = args.batch / _median(evl[b.entry.label])
             r["eval_vs_forward"] = r["eval_ips"] / r["forward_ips"]
             r["eval_s_samples"] = evl[b.entry.label]
-        r["forward_s_samples"] = fwd[b.entry.label]
-        r["forward_unmerged_s_samples"] = raw[b.entry.label]
         r["merged_layers"] = merged_counts.get(b.entry.label, 0)
         if b.scaler is not None:
             r["scaler_skipped_steps"] = b.skipped_steps  # fp16: steps skipped while the loss scale settled
@@ -767,6 +777,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "compile": args.compile,
             "channels_last": args.channels_last,
             "backbone_only": args.backbone_only,
+            "train_only": args.train_only,
             "malloc_tuned": malloc_tuned,
             "command": "python -m benchmark.perf " + " ".join(args.argv),
         },
@@ -793,7 +804,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"torch {mach['torch']}; medians of {cfg['steps']} rounds after {cfg['warmup']} warm-up, methods interleaved"
         + (", torch.compile" if cfg["compile"] else "")
         + (", channels-last" if cfg["channels_last"] else "")
-        + (", backbone only (no decoders: features -> mean-square loss)" if cfg["backbone_only"] else ""),
+        + (", backbone only (no decoders: features -> mean-square loss)" if cfg["backbone_only"] else "")
+        + (", train step only" if cfg.get("train_only") else ""),
         "",
     ]
     has_mem = all("peak_mem_bytes" in r for r in result["methods"].values())
@@ -826,10 +838,10 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['step_vs_full_ft']:.2f}",
             f"{r['step_flops'] / 1e9:.1f}",
             f"{r['flops_vs_full_ft']:.2f}",
-            f"{r['forward_ips']:.2f}",
+            f"{r['forward_ips']:.2f}" if "forward_ips" in r else "-",
             f"{r['eval_ips']:.2f}" if "eval_ips" in r else "-",
             f"{r['eval_vs_forward']:.2f}" if "eval_vs_forward" in r else "-",
-            f"{r['forward_unmerged_ips']:.2f}",
+            f"{r['forward_unmerged_ips']:.2f}" if "forward_unmerged_ips" in r else "-",
         ]
         if has_mem:
             row += [f"{r['peak_mem_bytes'] / 2**20:.0f}", f"{r['mem_vs_reference']:.2f}"]
@@ -910,6 +922,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile every model (off by default: docs/perf.md)")
     p.add_argument("--channels-last", action="store_true", help="channels-last models and input")
     p.add_argument("--backbone-only", action="store_true", help="time the Swin alone (no decoders, no eval)")
+    p.add_argument(
+        "--train-only",
+        action="store_true",
+        help="time the train step alone (no forward / evaluation rounds): with --compile, one graph per model",
+    )
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
     p.add_argument(
         "--memory-jobs", type=_positive, default=1, help="memory subprocesses at a time (on a GPU: its memory shared)"
