@@ -38,7 +38,8 @@ the order rotating), warm-up rounds dropped, medians over the remaining rounds:
 Precision: fp32 by default; ``--amp bfloat16`` (a bare ``--amp``, as before) or ``--amp float16`` autocast, the
 latter with a dynamic ``GradScaler`` (scaled backward, unscale, clip, step or skip, update) as ``run_benchmark``'s
 AMP does; the JSON's ``config.amp`` and ``config.grad_scaler`` say which, and fp16 entries count the steps the
-scaler skipped (``scaler_skipped_steps``).
+scaler skipped (``scaler_skipped_steps``). Forward and evaluation run under the same autocast unless
+``--eval-fp32`` (run_benchmark's evaluation is fp32); ``config.eval_amp`` records it.
 
 ``--train-only`` skips the forward and evaluation rounds (with ``--compile``: one compiled graph per model).
 ``--backbone-only`` times the Swin alone (its features into a mean-square loss; no decoders, no evaluation), the
@@ -269,6 +270,7 @@ class Bench:
     batch: int = 2
     img: int = 448
     backbone_only: bool = False  # time the backbone alone (features -> a mean-square loss), no decoders, no eval
+    eval_amp: bool = True  # forward / evaluation under the training autocast (False: fp32, as run_benchmark evaluates)
     image: Tensor = field(init=False)
     targets: dict[str, Tensor] = field(init=False)
 
@@ -293,8 +295,8 @@ class Bench:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == "float16" else None
         self.skipped_steps = 0  # steps the GradScaler skipped (non-finite scaled gradients)
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.amp:
+    def _autocast(self, train: bool = True) -> contextlib.AbstractContextManager[Any]:
+        if not self.amp or not (train or self.eval_amp):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=getattr(torch, self.amp))
 
@@ -325,7 +327,7 @@ class Bench:
     @torch.no_grad()
     def forward(self) -> Any:
         self.net.eval()
-        with self._autocast():
+        with self._autocast(train=False):
             return self.fn(self.image)
 
     @torch.no_grad()
@@ -349,6 +351,7 @@ def make_bench(entry: Entry, args: argparse.Namespace, compile: bool | None = No
         args.batch,
         args.img,
         args.backbone_only,
+        not args.eval_fp32,
     )
 
 
@@ -778,6 +781,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "channels_last": args.channels_last,
             "backbone_only": args.backbone_only,
             "train_only": args.train_only,
+            "eval_amp": None if args.eval_fp32 else args.amp,  # the forward / evaluation precision
             "malloc_tuned": malloc_tuned,
             "command": "python -m benchmark.perf " + " ".join(args.argv),
         },
@@ -805,7 +809,8 @@ def markdown(result: dict[str, Any]) -> str:
         + (", torch.compile" if cfg["compile"] else "")
         + (", channels-last" if cfg["channels_last"] else "")
         + (", backbone only (no decoders: features -> mean-square loss)" if cfg["backbone_only"] else "")
-        + (", train step only" if cfg.get("train_only") else ""),
+        + (", train step only" if cfg.get("train_only") else "")
+        + (", forward / eval in fp32" if cfg["amp"] and "eval_amp" in cfg and cfg["eval_amp"] is None else ""),
         "",
     ]
     has_mem = all("peak_mem_bytes" in r for r in result["methods"].values())
@@ -922,6 +927,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile every model (off by default: docs/perf.md)")
     p.add_argument("--channels-last", action="store_true", help="channels-last models and input")
     p.add_argument("--backbone-only", action="store_true", help="time the Swin alone (no decoders, no eval)")
+    p.add_argument(
+        "--eval-fp32",
+        action="store_true",
+        help="forward and evaluation in fp32 (as run_benchmark evaluates) while --amp applies to the train step",
+    )
     p.add_argument(
         "--train-only",
         action="store_true",

@@ -173,6 +173,15 @@ def test_perf_fp16_step_uses_a_grad_scaler_and_records_the_precision(device, tmp
         perf.Bench(entry, perf.build_net(entry, "swin_micro", IMG), torch.device(device), amp="float8", img=IMG)
 
 
+def test_perf_amp_choices(capsys):
+    assert perf.build_parser().parse_args(["--amp"]).amp == "bfloat16"  # the old bare --amp: bf16 autocast
+    assert perf.build_parser().parse_args(["--amp", "float16"]).amp == "float16"
+    assert perf.build_parser().parse_args([]).amp is None
+    with pytest.raises(SystemExit) as e:
+        perf.build_parser().parse_args(["--amp", "float8"])
+    assert e.value.code == 2 and "invalid choice: 'float8'" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- 2. runs through run_benchmark
 
 

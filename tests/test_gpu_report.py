@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,20 @@ def test_summary_tables_every_stage_and_ratio(tmp_path, capsys):
     assert "compiled_vs_eager_train" not in s and "paper_run" not in s  # absent stages are absent, not zero
     text = capsys.readouterr().out
     assert "| perf_compile | timed_out | 124 | 240 |" in text and "| `mtlora` | 160.0 |" in text
+
+
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [([], {}, "usage: tools/gpu_check.sh OUTDIR"), (["OUT"], {"GPU_CHECK_DEVICE": "tpu"}, "must be cuda or cpu")],
+)
+def test_gpu_check_bad_arguments(argv, env, message, tmp_path):
+    argv = [str(tmp_path / a) for a in argv]
+    p = subprocess.run(
+        ["bash", str(ROOT / "tools" / "gpu_check.sh"), *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+    )
+    assert p.returncode == 2 and message in p.stderr
+    assert not (tmp_path / "OUT" / "stages.jsonl").exists()  # nothing ran

@@ -128,9 +128,10 @@ fi
 # 2. the GPU-marked tests (on the CPU they are all skipped, with the reason)
 stage pytest_gpu "$CAP_TEST" "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider tests
 
-# 3. every method at the paper configuration, fp16 AMP as a real run, with its FLOP ratio and memory
-stage perf_all "$CAP_ALL" "$PY" -m benchmark.perf "${PERF[@]}" --amp float16 --methods "$METHODS,$VARIANTS" \
-    --json "$OUTDIR/perf_gpu_all.json"
+# 3. every method at the paper configuration, fp16 AMP training and fp32 evaluation as a real run, with the
+#    FLOP ratio and the memory of each
+stage perf_all "$CAP_ALL" "$PY" -m benchmark.perf "${PERF[@]}" --amp float16 --eval-fp32 \
+    --methods "$METHODS,$VARIANTS" --json "$OUTDIR/perf_gpu_all.json"
 
 # 4. the paper run itself, bounded: PAPER_ITERS iterations of batch 32 on generated PASCAL-sized images, one
 #    epoch (so marked debug); its own logs give the iteration time, gpu_report the ETA of the 300 epochs
@@ -141,7 +142,7 @@ stage paper_run "$CAP_PAPER" "$PY" -m benchmark.cli --method mtlora "${PAPER[@]}
 stage paper_report 60 "$PY" tools/gpu_report.py paper-run "$WORK/paper_run" --out "$OUTDIR/paper_run.json"
 
 # 5. bf16 against fp16 (the fp16 figures are step 3's)
-stage perf_bf16 "$CAP_BF16" "$PY" -m benchmark.perf "${PERF[@]}" --amp bfloat16 --methods mtlora \
+stage perf_bf16 "$CAP_BF16" "$PY" -m benchmark.perf "${PERF[@]}" --amp bfloat16 --eval-fp32 --methods mtlora \
     --data-images 0 --json "$OUTDIR/perf_gpu_mtlora_bf16.json"
 
 # 6. torch.compile where it compiles within the time left: the train step alone (one graph per model)
