@@ -507,12 +507,13 @@ def parity_checks(model_fixture_path: Path, device: str = "cpu") -> list[Check]:
     """Every comparison between this implementation and one official model fixture (+ its grad companion),
     the model run on ``device`` in fp32. On CUDA, TF32 is switched off for the duration: the fixture's
     tolerances are those of an fp32 implementation (TF32 products carry a 10-bit mantissa, ~5e-4 relative)."""
-    with _strict_fp32(device):
+    with strict_fp32(device):
         return _parity_checks(Path(model_fixture_path), torch.device(device))
 
 
 @contextlib.contextmanager
-def _strict_fp32(device: str) -> Iterator[None]:
+def strict_fp32(device: str | torch.device = "cuda") -> Iterator[None]:
+    """TF32 off for CUDA matrix products and convolutions inside the block (restored after); nothing on the CPU."""
     if torch.device(device).type != "cuda":
         yield
         return

@@ -30,6 +30,7 @@ from mmengine.optim import OptimWrapper
 from benchmark import engine, perf
 from benchmark.losses import MultiTaskLoss
 from benchmark.model import MultiTaskModel, model_config_for
+from benchmark.official import strict_fp32
 from benchmark.params import count_parameters
 from benchmark.protocol import PASCAL_CONTEXT
 from methods import METHODS
@@ -361,16 +362,6 @@ SUM_REL = 1e-9
 F32_TURN_DEG = math.degrees(2 * math.sqrt(3) * 2**-21)
 
 
-@contextlib.contextmanager
-def strict_fp32() -> Any:
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def _ambiguous_decisions(task: str, ref: torch.Tensor, got: torch.Tensor, tol: float) -> tuple[int, int]:
     """(pixels whose decision differs, those of them within ``tol`` of a tie in ``ref``) for a class task."""
     if task == "sal":  # thresholds on p = sigmoid(logit) (slope <= 1/4), beta thresholds on sigmoid(p) (<= 1/16)
@@ -394,7 +385,7 @@ def _ambiguous_decisions(task: str, ref: torch.Tensor, got: torch.Tensor, tol: f
 def test_a_checkpoint_evaluated_on_the_device_gives_the_cpu_metrics(uninterrupted, tmp_path):
     device, ref = uninterrupted
     ckpt, data = ref / "checkpoints" / "epoch_2.pth", ref / "synthetic_data"
-    with strict_fp32():
+    with strict_fp32(device):
         cpu_metrics, cpu_meters = evaluate_checkpoint(ckpt, data, "cpu", tmp_path / "cpu")
         dev_metrics, dev_meters = evaluate_checkpoint(ckpt, data, device, tmp_path / device)
     assert cpu_metrics.keys() == dev_metrics.keys() == set(TASKS)
