@@ -22,10 +22,11 @@
 # (tools/fetch_gpu_wheels.sh fills it) into GPU_CHECK_SITE, put first on PYTHONPATH; nothing is downloaded.
 #
 # Environment: GPU_CHECK_DEVICE=cpu runs the same stages on the CPU at toy sizes (swin_micro, 64 px, batch 2,
-# one step, 1 iteration of the paper run at 64 px) to prove the plumbing; PYTHON (python3), GPU_CHECK_BUDGET_S
-# (seconds for all stages: 450 on cuda, 2400 on cpu), GPU_CHECK_METHODS (comma-separated perf entries instead
+# one step, 1 iteration of the paper run at 224 px) to prove the plumbing; PYTHON (python3), GPU_CHECK_BUDGET_S
+# (seconds for all stages: 480 on cuda, 2400 on cpu), GPU_CHECK_METHODS (comma-separated perf entries instead
 # of every registered method), GPU_CHECK_PAPER_ITERS (iterations of the paper run: 40 on cuda),
-# GPU_CHECK_SITE (/tmp/mtpeft-gpu-site).
+# GPU_CHECK_SITE (/tmp/mtpeft-gpu-site), GPU_CHECK_ONLY (comma-separated stage names to run again into the
+# same OUTDIR, e.g. perf_compile; wheels and env always run; logs.txt and stages.jsonl are appended to, never cleared).
 set -uo pipefail
 
 if [ $# -ne 1 ] || [ -z "$1" ]; then
@@ -39,7 +40,7 @@ cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 case "$DEVICE" in
-    cuda) BUDGET=${GPU_CHECK_BUDGET_S:-450} ;;
+    cuda) BUDGET=${GPU_CHECK_BUDGET_S:-480} ;;
     cpu) BUDGET=${GPU_CHECK_BUDGET_S:-2400} ;;
     *) echo "gpu_check: GPU_CHECK_DEVICE must be cuda or cpu, got '$DEVICE'" >&2; exit 2 ;;
 esac
@@ -48,8 +49,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 LOG="$OUTDIR/logs.txt"
 STAGES="$OUTDIR/stages.jsonl"
-: >"$LOG"
-: >"$STAGES"
+echo "[gpu_check] run of $(date -u +%Y-%m-%dT%H:%M:%SZ) on $DEVICE${GPU_CHECK_ONLY:+, stages $GPU_CHECK_ONLY}" >>"$LOG"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
 FAILED=0
@@ -59,6 +59,9 @@ FAILED=0
 stage() {
     local name=$1 cap=$2
     shift 2
+    if [ -n "${GPU_CHECK_ONLY:-}" ] && [ "$name" != env ] && [ "$name" != wheels ] && [[ ",$GPU_CHECK_ONLY," != *",$name,"* ]]; then
+        return 0
+    fi
     local left=$((BUDGET - ($(date +%s) - START)))
     local limit=$((cap < left ? cap : left))
     local t0 rc status
@@ -101,11 +104,11 @@ if [ "$DEVICE" = cuda ]; then
     PAPER_ITERS=${GPU_CHECK_PAPER_ITERS:-40}
     PAPER=(--preset paper)
     PAPER_VAL=64
-    CAP_TEST=200 CAP_ALL=270 CAP_PAPER=200 CAP_BF16=100 CAP_COMPILE=240
+    CAP_TEST=240 CAP_ALL=240 CAP_PAPER=150 CAP_BF16=90 CAP_COMPILE=240
 else
     PERF=(--device cpu --backbone swin_micro --img 64 --batch 2 --steps 1 --warmup 0 --memory-jobs 2)
     PAPER_ITERS=${GPU_CHECK_PAPER_ITERS:-1}
-    PAPER=(--preset paper --image-size 64)
+    PAPER=(--preset paper --image-size 224)  # Swin-T's windows need 224 at least
     PAPER_VAL=2
     CAP_TEST=600 CAP_ALL=900 CAP_PAPER=600 CAP_BF16=400 CAP_COMPILE=120
 fi
