@@ -7,11 +7,13 @@ CUDA-only branch is the only thing left for the GPU to prove.
 
 Covered: one AMP training step (fp16 with dynamic loss scaling, bf16) of every registered method; one
 checkpoint evaluated on the device and on the CPU; a run killed after a checkpoint and resumed; a
-one-process NCCL (gloo on the CPU) run; the official-parity model fixtures in fp32; perf's fp16 step.
+one-process NCCL (gloo on the CPU) run; the official-parity model fixtures in fp32 (the ``fixture_dir`` of
+conftest.py: tests/fixtures/official_parity in the repository); perf's fp16 step.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -181,6 +183,27 @@ def test_perf_amp_choices(capsys):
     with pytest.raises(SystemExit) as e:
         perf.build_parser().parse_args(["--amp", "float8"])
     assert e.value.code == 2 and "invalid choice: 'float8'" in capsys.readouterr().err
+
+
+def test_memory_children_in_parallel_rerun_a_failed_one_alone(monkeypatch):
+    """--memory-jobs N: a child that fails beside others (say, out of GPU memory because of them) runs again
+    alone; with one job at a time a failure is an error at once."""
+    calls: list[str] = []
+
+    def child(entry, args):
+        calls.append(entry.label)
+        if entry.label == "lora" and calls.count("lora") == 1:
+            raise RuntimeError("memory subprocess for 'lora' failed (exit 1): CUDA out of memory")
+        return {"peak_mem_bytes": 10 * len(entry.label)}
+
+    monkeypatch.setattr(perf, "measure_memory", child)
+    entries = perf.parse_methods("lora,mtlora")
+    out = perf.measure_memory_all(entries, argparse.Namespace(memory_jobs=3))
+    assert list(out) == [e.label for e in entries]  # in the order of the entries
+    assert out["lora"] == {"peak_mem_bytes": 40} and calls.count("lora") == 2 and calls[-1] == "lora"
+    calls.clear()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        perf.measure_memory_all(entries, argparse.Namespace(memory_jobs=1))
 
 
 # --------------------------------------------------------------------------- 2. runs through run_benchmark
