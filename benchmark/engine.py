@@ -753,6 +753,21 @@ def _runner_common(s: EngineSetup, model: EngineModel) -> dict[str, Any]:
     return kw
 
 
+@contextlib.contextmanager
+def runner_device(device: str) -> Iterator[None]:
+    """Build a Runner on ``device``: mmengine moves the model to the first accelerator it finds
+    (``mmengine.device.get_device()``, fixed at import) whatever the run asked for, so ``--device cpu`` on a
+    GPU machine would train and evaluate on the GPU. The device mmengine reports is the run's own meanwhile."""
+    import mmengine.device.utils as mm_device
+
+    saved = mm_device.DEVICE
+    mm_device.DEVICE = device
+    try:
+        yield
+    finally:
+        mm_device.DEVICE = saved
+
+
 def _tracked(dataset: Dataset, workers: int) -> Dataset:
     return TrackedDataset(dataset, workers) if workers > 0 else dataset
 
@@ -794,14 +809,15 @@ def train(s: EngineSetup) -> EngineOutcome:
     optim_wrapper = build_optim_wrapper(optimizer, s.device, s.amp_dtype, s.clip_grad)
     hook = BenchmarkHook(model, ckpt_dir, s.meta, s.protocol, s.tasks, s.ckpt_interval, resume=s.resume)
     kw = _runner_common(s, model)
-    runner = Runner(
-        train_dataloader=train_loader,
-        train_cfg=dict(by_epoch=True, max_epochs=s.epochs, val_interval=s.val_interval),
-        optim_wrapper=optim_wrapper,
-        param_scheduler=s.schedule.schedulers(optim_wrapper),
-        custom_hooks=[hook, MergeForEvalHook(s.net)],
-        **kw,
-    )
+    with runner_device(s.device):
+        runner = Runner(
+            train_dataloader=train_loader,
+            train_cfg=dict(by_epoch=True, max_epochs=s.epochs, val_interval=s.val_interval),
+            optim_wrapper=optim_wrapper,
+            param_scheduler=s.schedule.schedulers(optim_wrapper),
+            custom_hooks=[hook, MergeForEvalHook(s.net)],
+            **kw,
+        )
     t0 = time.perf_counter()
     try:
         runner.train()
@@ -830,7 +846,8 @@ def evaluate(s: EngineSetup) -> EngineOutcome:
     """Evaluate the model as it is (weights already loaded) on the validation set."""
     model = EngineModel(s.net, s.loss_fn)
     kw = _runner_common(s, model)
-    runner = Runner(custom_hooks=[MergeForEvalHook(s.net)], **kw)
+    with runner_device(s.device):
+        runner = Runner(custom_hooks=[MergeForEvalHook(s.net)], **kw)
     t0 = time.perf_counter()
     try:
         flat = runner.val()

@@ -325,8 +325,10 @@ class RecordingMeter:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.devices: set[torch.device] = set()
 
     def stats(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.devices.add(logits.device)
         self.seen.append((logits.detach().cpu(), target.cpu()))
         return self.inner.stats(logits, target)
 
@@ -337,7 +339,7 @@ class RecordingMeter:
         return torch.cat([x for x, _ in self.seen])
 
 
-def evaluate_checkpoint(ckpt: Path, data: Path, device: str, work_dir: Path) -> tuple[dict, dict[str, Any]]:
+def evaluate_checkpoint(ckpt: Path | None, data: Path, device: str, work_dir: Path) -> tuple[dict, dict[str, Any]]:
     """The engine's evaluation (mmengine's val loop, merged LoRA weights, metrics from per-image statistics)
     of ``ckpt`` on ``device``, in fp32 as every evaluation; returns (metrics, the recording meters)."""
     from mmengine.runner import set_random_seed
@@ -351,7 +353,8 @@ def evaluate_checkpoint(ckpt: Path, data: Path, device: str, work_dir: Path) -> 
     settings = resolve(PASCAL_CONTEXT, PRESETS["tiny"], int(EPOCHS))
     set_random_seed(0)  # as run_benchmark --seed 0: the same frozen weights, which the checkpoint checks
     net = build_net(spec, spec.default_config(), _model_config(settings, PASCAL_CONTEXT), None)
-    _load_for_eval(net, ckpt, spec)
+    if ckpt is not None:
+        _load_for_eval(net, ckpt, spec)
     tasks = PASCAL_CONTEXT.task_names
     meters = {t: RecordingMeter(m) for t, m in build_meters(tasks).items()}
     val = PascalMT(data, PASCAL_CONTEXT.val_split, tasks, build_transforms(settings.image_size, train=False, seed=0))
@@ -369,7 +372,23 @@ def evaluate_checkpoint(ckpt: Path, data: Path, device: str, work_dir: Path) -> 
         workers=0,
         collate_fn=collate,
     )
-    return engine.evaluate(setup).final_metrics, meters
+    metrics = engine.evaluate(setup).final_metrics
+    assert {p.device.type for p in net.parameters()} == {device}, "the model left the run's device"
+    assert {d.type for m in meters.values() for d in m.devices} == {device}, "evaluated elsewhere"
+    return metrics, meters
+
+
+def test_a_cpu_evaluation_stays_on_the_cpu_where_mmengine_would_take_the_gpu(monkeypatch, tmp_path):
+    """mmengine's Runner moves the model to the accelerator it found at import, whatever the run asked for;
+    the engine pins it to the run's device. On a machine without CUDA, mmengine is told it found one."""
+    import mmengine.device.utils as mm_device
+
+    from benchmark.synth import make_synthetic_dataset
+
+    monkeypatch.setattr(mm_device, "DEVICE", "cuda")
+    data = make_synthetic_dataset(tmp_path / "data", n_train=1, n_val=2, seed=0)
+    metrics, _ = evaluate_checkpoint(None, data, "cpu", tmp_path / "eval")  # asserts where it ran
+    assert set(metrics) == set(TASKS) and mm_device.DEVICE == "cuda"  # mmengine's own setting is left as it was
 
 
 # fp32 on two devices: the fixture README's error model (a correct fp32 implementation ordering its operations

@@ -305,7 +305,7 @@ def summary(outdir: Path) -> dict[str, Any]:
     paper = outdir / "paper_run.json"
     if paper.is_file():
         p = _read_json(paper)
-        out["paper_run"] = {k: p.get(k) for k in ("iteration_s", "images_per_s", "peak_mem_bytes", "paper")}
+        out["paper_run"] = {k: p.get(k) for k in ("device", "iteration_s", "images_per_s", "peak_mem_bytes", "paper")}
     return out
 
 
@@ -341,8 +341,9 @@ def markdown(s: dict[str, Any]) -> str:
         p = s["paper_run"]
         lines += [
             "",
-            f"paper run: {p['iteration_s']:.3f} s/iteration ({p['images_per_s']:.1f} img/s), peak allocated "
-            f"{(p['peak_mem_bytes'] or 0) / 2**30:.2f} GiB; 300 epochs: {p['paper']['total_eta_h']:.1f} h",
+            f"paper run: {p['iteration_s']:.3f} s/iteration ({p['images_per_s']:.1f} img/s), peak "
+            f"{'allocated' if p.get('device') == 'cuda' else 'resident'} {(p['peak_mem_bytes'] or 0) / 2**30:.2f} GiB; "
+            f"{p['paper']['epochs']} epochs: {p['paper']['total_eta_h']:.1f} h",
         ]
     return "\n".join(lines) + "\n"
 
