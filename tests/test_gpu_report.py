@@ -90,9 +90,11 @@ def test_paper_data_repeats_generated_images_under_new_ids(tmp_path):
     from benchmark.dataset import PascalMT
 
     root = tmp_path / "data"
-    assert gpu_report.main(["paper-data", str(root), "--train", "5", "--val", "1", "--unique", "2"]) == 0
+    assert gpu_report.main(["paper-data", str(root), "--train", "5", "--val", "3", "--unique", "2"]) == 0
     ids = (root / "ImageSets" / "Context" / "train.txt").read_text().split()
-    assert len(ids) == len(set(ids)) == 5
+    val = (root / "ImageSets" / "Context" / "val.txt").read_text().split()
+    assert len(ids) == len(set(ids)) == 5 and len(val) == len(set(val)) == 3 and not set(ids) & set(val)
+    assert len(list((root / "JPEGImages").glob("*.jpg"))) == 8
     ds = PascalMT(root, "train", tuple(t.name for t in PASCAL_CONTEXT.tasks), transform=None, cache_dir=tmp_path / "c")
     assert len(ds) == 5
     first, copy = ds.load_raw(0), ds.load_raw(2)  # the third id repeats the first generated image

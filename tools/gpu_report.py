@@ -132,34 +132,45 @@ def env_record(device: str) -> dict[str, Any]:
 
 
 def paper_data(out: Path, n_train: int, n_val: int, unique: int, seed: int = 0) -> dict[str, int]:
-    """A generated PASCAL_MT dataset at PASCAL's image sizes (375-500 px) with ``n_train`` train images, made
-    of ``unique`` generated ones repeated under new ids (hard links where the file system allows): generating
-    each image costs far more than loading it, and a cost measurement only needs the sizes to be real."""
-    from benchmark.dataset import FILES, SPLIT_FILE
+    """A generated PASCAL_MT dataset at PASCAL's image sizes (375-500 px) with ``n_train`` train and ``n_val``
+    val images, each split made of at most ``unique`` generated ones repeated under new ids (hard links where
+    the file system allows): generating an image costs far more than loading it, and a cost measurement only
+    needs the sizes to be real."""
     from benchmark.synth import make_synthetic_dataset
 
     if n_train < 1 or n_val < 1 or unique < 1:
         raise ReportError(f"paper-data: --train, --val and --unique must be >= 1, got {n_train}, {n_val}, {unique}")
-    make_synthetic_dataset(out, n_train=min(unique, n_train), n_val=n_val, seed=seed, size_range=(375, 500))
-    split = out / SPLIT_FILE.format(split="train")
-    base = split.read_text().split()
+    make_synthetic_dataset(
+        out, n_train=min(unique, n_train), n_val=min(unique, n_val), seed=seed, size_range=(375, 500)
+    )
+    return {
+        "train": _repeat_split(out, "train", n_train),
+        "val": _repeat_split(out, "val", n_val),
+        "unique_train": min(unique, n_train),
+        "unique_val": min(unique, n_val),
+    }
+
+
+def _repeat_split(root: Path, split: str, n: int) -> int:
+    from benchmark.dataset import FILES, SPLIT_FILE
+
+    listing = root / SPLIT_FILE.format(split=split)
+    base = listing.read_text().split()
     ids = list(base)
-    k = 0
-    while len(ids) < n_train:
-        src = base[k % len(base)]
-        new = f"{src}r{k // len(base) + 1}"
+    while len(ids) < n:
+        k = len(ids) - len(base)
+        src, new = base[k % len(base)], f"{base[k % len(base)]}r{k // len(base) + 1}"
         for pattern in FILES.values():
-            f = out / pattern.format(id=src)
+            f = root / pattern.format(id=src)
             if f.is_file():
-                g = out / pattern.format(id=new)
+                g = root / pattern.format(id=new)
                 try:
                     os.link(f, g)
                 except OSError:
                     shutil.copyfile(f, g)
         ids.append(new)
-        k += 1
-    split.write_text("".join(f"{i}\n" for i in ids))
-    return {"train": len(ids), "val": n_val, "unique_train": len(base)}
+    listing.write_text("".join(f"{i}\n" for i in ids))
+    return len(ids)
 
 
 # --------------------------------------------------------------------------- the paper run's cost
