@@ -230,9 +230,10 @@ def metrics_of(path: Path) -> dict[str, dict[str, float]]:
 # single gradient elements, and the metrics can move only through pixels whose decision (argmax, threshold,
 # angle bin) sits within that distance of a tie. The allowance: 0.1 % of a task's pixels changing decision
 # (1e-3 absolute on the [0, 1] metrics, ~33 of the 8 x 64 x 64 validation pixels), and 1e-3 relative plus one
-# 0.05-degree histogram bin on the angle metrics. A wrong resume (another epoch, optimiser or scaler state,
-# learning rate) moves them by far more: one epoch of this schedule moves mIoU by ~1e-2 and the angles by
-# degrees. On the CPU the runs are bit-identical and the comparison is exact.
+# 0.05-degree histogram bin on the angle metrics. A resume from another state moves them by far more: on the
+# CPU, epoch 2 of this run moves the normals' mean angle from 76.3 to 42.1 degrees and saliency maxF from 0.646
+# to 0.680 (the segmentation mIoUs, at this size, by 3e-3 and 0). On the CPU the runs are bit-identical and the
+# comparison is exact.
 FRACTION_ABS = 1e-3
 ANGLE_REL, ANGLE_BIN = 1e-3, 0.05
 
