@@ -594,6 +594,8 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
             peak_mem_bytes=outcome.peak_mem_bytes,
             train_images_per_s=(outcome.train_images / outcome.train_compute_s) if outcome.train_compute_s else 0.0,
         )
+        if outcome.peak_mem_reserved_bytes is not None:  # CUDA: what the caching allocator held at its peak
+            cost["peak_mem_reserved_bytes"] = outcome.peak_mem_reserved_bytes
         if outcome.resumed_from:
             notes.append(f"resumed from {outcome.resumed_from}")
     result = RunResult(
@@ -611,6 +613,7 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
         env={
             **_env_info(device),
             "world_size": world,
+            "amp_dtype": setup.amp_dtype if device == "cuda" else None,  # AMP runs on CUDA only (engine)
             "backbone": settings.backbone,
             "image_size": settings.image_size,
             "epochs": settings.epochs,

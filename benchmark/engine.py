@@ -615,6 +615,18 @@ def param_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optim_wrapper(
+    optimizer: torch.optim.Optimizer, device: str, amp_dtype: str | None, clip_grad: float
+) -> OptimWrapper:
+    """The update a run uses: on CUDA with ``amp_dtype`` ("float16" / "bfloat16") autocast plus mmengine's
+    dynamic loss scaling (scaled backward, unscale, clip, step or skip on non-finite gradients, rescale);
+    otherwise fp32 (AMP is never used on the CPU). Gradients are clipped to ``clip_grad`` (L2) either way."""
+    clip = dict(max_norm=clip_grad, norm_type=2)
+    if device == "cuda" and amp_dtype:
+        return AmpOptimWrapper(optimizer=optimizer, clip_grad=clip, dtype=amp_dtype)
+    return OptimWrapper(optimizer=optimizer, clip_grad=clip)
+
+
 @dataclass
 class Schedule:
     peak_lr: float
@@ -697,6 +709,7 @@ class EngineOutcome:
     peak_mem_bytes: int
     resumed_from: str | None
     final_metrics: dict[str, dict[str, float]]
+    peak_mem_reserved_bytes: int | None = None  # CUDA: the caching allocator's peak (None on the CPU)
 
 
 def _distributed() -> bool:
@@ -745,6 +758,21 @@ def _runner_common(s: EngineSetup, model: EngineModel) -> dict[str, Any]:
     return kw
 
 
+@contextlib.contextmanager
+def runner_device(device: str) -> Iterator[None]:
+    """Build a Runner on ``device``: mmengine moves the model to the first accelerator it finds
+    (``mmengine.device.get_device()``, fixed at import) whatever the run asked for, so ``--device cpu`` on a
+    GPU machine would train and evaluate on the GPU. The device mmengine reports is the run's own meanwhile."""
+    import mmengine.device.utils as mm_device
+
+    saved = mm_device.DEVICE
+    mm_device.DEVICE = device
+    try:
+        yield
+    finally:
+        mm_device.DEVICE = saved
+
+
 def _tracked(dataset: Dataset, workers: int) -> Dataset:
     return TrackedDataset(dataset, workers) if workers > 0 else dataset
 
@@ -754,6 +782,10 @@ def _val_sampler(dataset: Dataset) -> Sampler[int]:
 
     # pads to a multiple of the world size; mmengine's collect_results interleaves and truncates the padding
     return DefaultSampler(dataset, shuffle=False, round_up=True)
+
+
+def _peak_reserved(device: str) -> int | None:
+    return int(torch.cuda.max_memory_reserved()) if device == "cuda" else None
 
 
 def _peak_mem(device: str) -> int:
@@ -779,21 +811,18 @@ def train(s: EngineSetup) -> EngineOutcome:
         persistent_workers=False,  # workers must see the dataset's epoch (set per epoch for augmentation seeds)
     )
     optimizer = torch.optim.AdamW(param_groups(s.net, s.weight_decay), lr=s.schedule.peak_lr, betas=s.betas, eps=s.eps)
-    clip = dict(max_norm=s.clip_grad, norm_type=2)
-    if s.device == "cuda" and s.amp_dtype:
-        optim_wrapper: OptimWrapper = AmpOptimWrapper(optimizer=optimizer, clip_grad=clip, dtype=s.amp_dtype)
-    else:
-        optim_wrapper = OptimWrapper(optimizer=optimizer, clip_grad=clip)
+    optim_wrapper = build_optim_wrapper(optimizer, s.device, s.amp_dtype, s.clip_grad)
     hook = BenchmarkHook(model, ckpt_dir, s.meta, s.protocol, s.tasks, s.ckpt_interval, resume=s.resume)
     kw = _runner_common(s, model)
-    runner = Runner(
-        train_dataloader=train_loader,
-        train_cfg=dict(by_epoch=True, max_epochs=s.epochs, val_interval=s.val_interval),
-        optim_wrapper=optim_wrapper,
-        param_scheduler=s.schedule.schedulers(optim_wrapper),
-        custom_hooks=[hook, MergeForEvalHook(s.net)],
-        **kw,
-    )
+    with runner_device(s.device):
+        runner = Runner(
+            train_dataloader=train_loader,
+            train_cfg=dict(by_epoch=True, max_epochs=s.epochs, val_interval=s.val_interval),
+            optim_wrapper=optim_wrapper,
+            param_scheduler=s.schedule.schedulers(optim_wrapper),
+            custom_hooks=[hook, MergeForEvalHook(s.net)],
+            **kw,
+        )
     t0 = time.perf_counter()
     try:
         runner.train()
@@ -814,6 +843,7 @@ def train(s: EngineSetup) -> EngineOutcome:
         peak_mem_bytes=_peak_mem(s.device),
         resumed_from=hook.resumed_from,
         final_metrics=final,
+        peak_mem_reserved_bytes=_peak_reserved(s.device),
     )
 
 
@@ -821,7 +851,8 @@ def evaluate(s: EngineSetup) -> EngineOutcome:
     """Evaluate the model as it is (weights already loaded) on the validation set."""
     model = EngineModel(s.net, s.loss_fn)
     kw = _runner_common(s, model)
-    runner = Runner(custom_hooks=[MergeForEvalHook(s.net)], **kw)
+    with runner_device(s.device):
+        runner = Runner(custom_hooks=[MergeForEvalHook(s.net)], **kw)
     t0 = time.perf_counter()
     try:
         flat = runner.val()
@@ -847,6 +878,7 @@ def evaluate(s: EngineSetup) -> EngineOutcome:
         peak_mem_bytes=_peak_mem(s.device),
         resumed_from=None,
         final_metrics=metrics,
+        peak_mem_reserved_bytes=_peak_reserved(s.device),
     )
 
 

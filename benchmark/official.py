@@ -22,11 +22,12 @@ official                                               local
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -437,7 +438,7 @@ def _compare(name: str, ours: Tensor, ref: Tensor, rel: float = REL_TOL) -> Chec
     """max|ours - ref| against rel * max(1, max|ref|)."""
     if tuple(ours.shape) != tuple(ref.shape):
         return Check(name, math.inf, 0.0, False, f"shape {tuple(ours.shape)} != official {tuple(ref.shape)}")
-    diff = float((ours.detach().double() - ref.double()).abs().max()) if ref.numel() else 0.0
+    diff = float((ours.detach().cpu().double() - ref.double()).abs().max()) if ref.numel() else 0.0
     tol = rel * _scale(ref)
     return Check(name, diff, tol, diff <= tol, f"max|ref|={float(ref.abs().max()):.4g}")
 
@@ -451,7 +452,7 @@ def _compare_summary(name: str, ours: Tensor, summary: Mapping[str, Any]) -> Che
     shape = tuple(int(s) for s in summary["shape"])
     if tuple(ours.shape) != shape:
         return Check(name, math.inf, REL_TOL, False, f"shape {tuple(ours.shape)} != official {shape}")
-    x = ours.detach().double()
+    x = ours.detach().cpu().double()
     b = shape[0]
     flat = x.reshape(b, -1)
     l2 = flat.norm(dim=1)
@@ -512,8 +513,29 @@ def _official_trainable_names(names: list[str]) -> set[str]:
     return {k for k in (official_to_local_key(n) for n in names) if k is not None}
 
 
-def parity_checks(model_fixture_path: Path) -> list[Check]:
-    """Every comparison between this implementation and one official model fixture (+ its grad companion)."""
+def parity_checks(model_fixture_path: Path, device: str = "cpu") -> list[Check]:
+    """Every comparison between this implementation and one official model fixture (+ its grad companion),
+    the model run on ``device`` in fp32. On CUDA, TF32 is switched off for the duration: the fixture's
+    tolerances are those of an fp32 implementation (TF32 products carry a 10-bit mantissa, ~5e-4 relative)."""
+    with strict_fp32(device):
+        return _parity_checks(Path(model_fixture_path), torch.device(device))
+
+
+@contextlib.contextmanager
+def strict_fp32(device: str | torch.device = "cuda") -> Iterator[None]:
+    """TF32 off for CUDA matrix products and convolutions inside the block (restored after); nothing on the CPU."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _parity_checks(model_fixture_path: Path, device: torch.device) -> list[Check]:
     path = Path(model_fixture_path)
     if not path.is_file():
         raise FileNotFoundError(f"model fixture {path} does not exist")
@@ -527,8 +549,8 @@ def parity_checks(model_fixture_path: Path) -> list[Check]:
     checks = _geometry_checks(stem, model, config)
     report = load_official_state_dict(model, fx["state_dict"])
     checks.append(_exact(f"{stem}/load_state_dict", report.complete, report.summary()))
-    model.eval()
-    image = fx["input"]
+    model.to(device).eval()
+    image = fx["input"].to(device)
     with torch.no_grad():
         outputs = model(image)
         feats = model.backbone(image)
@@ -555,7 +577,7 @@ def parity_checks(model_fixture_path: Path) -> list[Check]:
     checks += _trainable_checks(stem, model, fx.get("trainable"))
     grad_path = path.with_name(f"{stem}_grad.pt")
     if grad_path.is_file():
-        checks += _grad_checks(grad_path, path, fx)
+        checks += _grad_checks(grad_path, path, fx, device)
     return checks
 
 
@@ -590,7 +612,10 @@ def _trainable_checks(stem: str, model: nn.Module, trainable: Mapping[str, Any] 
     return checks
 
 
-def _grad_checks(grad_path: Path, model_path: Path, fx: Mapping[str, Any]) -> list[Check]:
+def _grad_checks(
+    grad_path: Path, model_path: Path, fx: Mapping[str, Any], device: torch.device | None = None
+) -> list[Check]:
+    device = device or torch.device("cpu")
     from benchmark.losses import LOSSES, MultiTaskLoss
     from benchmark.protocol import TASKS, TaskSpec
 
@@ -612,9 +637,9 @@ def _grad_checks(grad_path: Path, model_path: Path, fx: Mapping[str, Any]) -> li
         else TaskSpec(t, "", True, model.cfg.tasks[t], float(weights[t]), False, t)
         for t in model.tasks
     ]
-    targets = {t: v.to(torch.float64) for t, v in g["targets"].items()}  # the official loader's dtype
-    model.zero_grad(set_to_none=True)
-    outputs = model(fx["input"])
+    targets = {t: v.to(device, torch.float64) for t, v in g["targets"].items()}  # the official loader's dtype
+    model.to(device).zero_grad(set_to_none=True)
+    outputs = model(fx["input"].to(device))
     losses = MultiTaskLoss(specs)(outputs, targets)
     losses["total"].backward()
 
@@ -637,7 +662,7 @@ def _grad_checks(grad_path: Path, model_path: Path, fx: Mapping[str, Any]) -> li
             checks.append(_exact(f"{stem}/grad/{name}", False, "parameter missing or without gradient"))
             continue
         scale = float(ref.abs().max())
-        diff = float((p.grad.double() - ref.double()).abs().max())
+        diff = float((p.grad.cpu().double() - ref.double()).abs().max())
         tol = GRAD_REL_TOL * scale + floor
         checks.append(Check(f"{stem}/grad/{name}", diff, tol, diff <= tol, f"max|ref|={scale:.4g}"))
 

@@ -26,13 +26,22 @@ the order rotating), warm-up rounds dropped, medians over the remaining rounds:
   unmerged forward;
 - the meters alone: milliseconds per batch each task's meter takes for its ``stats`` on the reference's outputs
   (``meters_ms``), what evaluation adds to the forward for every method alike;
-- peak memory, each method in a fresh subprocess (two train steps): CUDA max allocated on a GPU; on the CPU the
+- peak memory, each method in a fresh subprocess (two train steps; ``--memory-jobs`` at a time): on a GPU the
+  CUDA max allocated (``peak_mem_bytes``) and max reserved by the caching allocator (``peak_reserved_bytes``),
+  both above what the process held before building the model; on the CPU the
   peak resident set size above the bare runtime's (``peak_mem_bytes``: weights, optimiser state, gradients,
   activations and what malloc keeps cached) and, beside it, the peak of live tensor bytes over a third step from
   the profiler's memory timeline (``tensor_peak_bytes``, the CPU analog of CUDA's max allocated);
 - the data pipeline: images/s of one worker (1 torch and 1 OpenCV thread) loading and transforming training
   samples at the image size (a generated dataset in the PASCAL_MT layout unless ``--data`` names one).
 
+Precision: fp32 by default; ``--amp bfloat16`` (a bare ``--amp``, as before) or ``--amp float16`` autocast, the
+latter with a dynamic ``GradScaler`` (scaled backward, unscale, clip, step or skip, update) as ``run_benchmark``'s
+AMP does; the JSON's ``config.amp`` and ``config.grad_scaler`` say which, and fp16 entries count the steps the
+scaler skipped (``scaler_skipped_steps``). Forward and evaluation run under the same autocast unless
+``--eval-fp32`` (run_benchmark's evaluation is fp32); ``config.eval_amp`` records it.
+
+``--train-only`` skips the forward and evaluation rounds (with ``--compile``: one compiled graph per model).
 ``--backbone-only`` times the Swin alone (its features into a mean-square loss; no decoders, no evaluation), the
 setting of the issue's reference figures on a plain timm Swin-T.
 
@@ -70,6 +79,7 @@ from benchmark.params import count_parameters
 from benchmark.protocol import TASKS as TASK_SPECS
 
 SCHEMA = 1
+AMP_DTYPES = (None, "bfloat16", "float16")
 ANCHORS = ("reference", "full_ft")
 INTERNAL = ("reference", "peft_lora_reference")
 TASK_NAMES = tuple(TASK_SPECS)  # semseg, human_parts, sal, normals
@@ -254,12 +264,13 @@ class Bench:
     entry: Entry
     net: nn.Module
     device: torch.device
-    amp: bool = False
+    amp: str | None = None  # autocast dtype: "bfloat16", "float16" (with a GradScaler, as a real run) or None
     compile: bool = False
     channels_last: bool = False
     batch: int = 2
     img: int = 448
     backbone_only: bool = False  # time the backbone alone (features -> a mean-square loss), no decoders, no eval
+    eval_amp: bool = True  # forward / evaluation under the training autocast (False: fp32, as run_benchmark evaluates)
     image: Tensor = field(init=False)
     targets: dict[str, Tensor] = field(init=False)
 
@@ -278,11 +289,16 @@ class Bench:
         self.meters = build_meters(TASK_NAMES)
         module = self.net.backbone if self.backbone_only else self.net
         self.fn: Callable[[Tensor], Any] = torch.compile(module) if self.compile else module
+        if self.amp not in AMP_DTYPES:
+            raise PerfError(f"--amp {self.amp!r}: expected one of {[d for d in AMP_DTYPES if d]}")
+        # fp16 needs loss scaling, as the engine's AmpOptimWrapper does (dynamic GradScaler; bf16 does not need it)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == "float16" else None
+        self.skipped_steps = 0  # steps the GradScaler skipped (non-finite scaled gradients)
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.amp:
+    def _autocast(self, train: bool = True) -> contextlib.AbstractContextManager[Any]:
+        if not self.amp or not (train or self.eval_amp):
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.amp))
 
     def train_step(self) -> float:
         self.net.train()
@@ -293,16 +309,25 @@ class Bench:
             else:
                 loss = self.loss({t: o.float() for t, o in out.items()}, self.targets)["total"]
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, CLIP_GRAD)
-        self.opt.step()
+        if self.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, CLIP_GRAD)
+            self.opt.step()
+        else:  # the order of mmengine's AmpOptimWrapper: scaled backward, unscale, clip, step (or skip), update
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.params, CLIP_GRAD)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.skipped_steps += int(self.scaler.get_scale() < scale)  # the scale drops only on a skipped step
         self.train_image.grad = None
         return float(loss.detach())
 
     @torch.no_grad()
     def forward(self) -> Any:
         self.net.eval()
-        with self._autocast():
+        with self._autocast(train=False):
             return self.fn(self.image)
 
     @torch.no_grad()
@@ -326,6 +351,7 @@ def make_bench(entry: Entry, args: argparse.Namespace, compile: bool | None = No
         args.batch,
         args.img,
         args.backbone_only,
+        not args.eval_fp32,
     )
 
 
@@ -353,8 +379,13 @@ def train_step_flops(bench: Bench) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
-        bench.train_step()
+    fn = bench.fn
+    bench.fn = bench.net.backbone if bench.backbone_only else bench.net  # eager: compiling changes no arithmetic
+    try:
+        with counter:
+            bench.train_step()
+    finally:
+        bench.fn = fn
     return int(counter.get_total_flops())
 
 
@@ -490,6 +521,7 @@ def memory_child(entry: Entry, args: argparse.Namespace) -> dict[str, int]:
     out: dict[str, int] = {}
     if device.type == "cuda":
         runtime = torch.cuda.memory_allocated(device)
+        runtime_reserved = torch.cuda.memory_reserved(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
         runtime = _rss_bytes()
@@ -502,6 +534,8 @@ def memory_child(entry: Entry, args: argparse.Namespace) -> dict[str, int]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         out["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device) - runtime
+        # what the caching allocator took from the device: what other processes on the GPU cannot use
+        out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device) - runtime_reserved
     else:
         peak_rss = _peak_rss_bytes()  # read before the profiled step, whose bookkeeping would count
         out.update(peak_rss_bytes=peak_rss, runtime_rss_bytes=runtime, peak_mem_bytes=peak_rss - runtime)
@@ -515,9 +549,35 @@ def memory_child(entry: Entry, args: argparse.Namespace) -> dict[str, int]:
 def _child_args(args: argparse.Namespace) -> list[str]:
     out = ["--backbone", args.backbone, "--img", str(args.img), "--batch", str(args.batch)]
     out += ["--device", args.device, "--threads", str(args.threads)]
-    out += ["--amp"] if args.amp else []
+    out += ["--amp", args.amp] if args.amp else []
     out += ["--channels-last"] if args.channels_last else []
     return out + (["--backbone-only"] if args.backbone_only else [])
+
+
+def measure_memory_all(entries: Sequence[Entry], args: argparse.Namespace) -> dict[str, dict[str, int]]:
+    """Each entry's memory in its own fresh process, ``--memory-jobs`` processes at a time (peaks are per
+    process, so parallel children do not disturb each other's figures). A child that fails while others run
+    (say, out of GPU memory because of them) is rerun alone; a failure alone is an error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out: dict[str, dict[str, int]] = {}
+    failed: list[Entry] = []
+
+    def one(e: Entry) -> None:
+        print(f"[perf] memory: {e.label}", file=sys.stderr, flush=True)
+        try:
+            out[e.label] = measure_memory(e, args)
+        except RuntimeError:
+            if args.memory_jobs == 1:
+                raise
+            failed.append(e)
+
+    with ThreadPoolExecutor(max_workers=args.memory_jobs) as pool:
+        list(pool.map(one, entries))
+    for e in failed:
+        print(f"[perf] memory: {e.label} again, alone", file=sys.stderr, flush=True)
+        out[e.label] = measure_memory(e, args)
+    return {e.label: out[e.label] for e in entries}
 
 
 def measure_memory(entry: Entry, args: argparse.Namespace) -> dict[str, int]:
@@ -658,29 +718,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             merged_counts[b.entry.label] = n
             yield
 
-    fwd = interleaved(benches, Bench.forward, args.steps, 1, "forward (merged)", merged)
-    evl = {} if args.backbone_only else interleaved(benches, Bench.eval_step, args.steps, 1, "eval (merged)", merged)
-    raw = interleaved(benches, Bench.forward, args.steps, 1, "forward (unmerged)")
-    reference = next(b for b in benches if b.entry.label == "reference")  # parse_methods adds it when missing
-    meters_ms = None if args.backbone_only else meter_times(reference, args.steps)
+    fwd, evl, raw, meters_ms = {}, {}, {}, None
+    if not args.train_only:
+        fwd = interleaved(benches, Bench.forward, args.steps, 1, "forward (merged)", merged)
+        if not args.backbone_only:
+            evl = interleaved(benches, Bench.eval_step, args.steps, 1, "eval (merged)", merged)
+        raw = interleaved(benches, Bench.forward, args.steps, 1, "forward (unmerged)")
+        reference = next(b for b in benches if b.entry.label == "reference")  # parse_methods adds it when missing
+        meters_ms = None if args.backbone_only else meter_times(reference, args.steps)
     for b in benches:
         r = results[b.entry.label]
         r["step_s"] = _median(steps[b.entry.label])
         r["step_s_samples"] = steps[b.entry.label]
-        r["forward_ips"] = args.batch / _median(fwd[b.entry.label])
-        r["forward_unmerged_ips"] = args.batch / _median(raw[b.entry.label])
+        if fwd:
+            r["forward_ips"] = args.batch / _median(fwd[b.entry.label])
+            r["forward_unmerged_ips"] = args.batch / _median(raw[b.entry.label])
+            r["forward_s_samples"] = fwd[b.entry.label]
+            r["forward_unmerged_s_samples"] = raw[b.entry.label]
         if evl:
             r["eval_ips"] = args.batch / _median(evl[b.entry.label])
             r["eval_vs_forward"] = r["eval_ips"] / r["forward_ips"]
             r["eval_s_samples"] = evl[b.entry.label]
-        r["forward_s_samples"] = fwd[b.entry.label]
-        r["forward_unmerged_s_samples"] = raw[b.entry.label]
         r["merged_layers"] = merged_counts.get(b.entry.label, 0)
+        if b.scaler is not None:
+            r["scaler_skipped_steps"] = b.skipped_steps  # fp16: steps skipped while the loss scale settled
     del benches  # free the models before the memory subprocesses run
     if args.memory:
-        for e in entries:
-            print(f"[perf] memory: {e.label}", file=sys.stderr, flush=True)
-            results[e.label].update(measure_memory(e, args))
+        for label, mem in measure_memory_all(entries, args).items():
+            results[label].update(mem)
     ref, full = results["reference"], results["full_ft"]
     for r in results.values():
         r["step_vs_reference"] = r["step_s"] / ref["step_s"]
@@ -710,10 +775,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "steps": args.steps,
             "warmup": args.warmup,
             "device": args.device,
-            "amp": "bfloat16" if args.amp else None,
+            "amp": args.amp,  # autocast dtype or None (fp32)
+            "grad_scaler": args.amp == "float16",
             "compile": args.compile,
             "channels_last": args.channels_last,
             "backbone_only": args.backbone_only,
+            "train_only": args.train_only,
+            "eval_amp": None if args.eval_fp32 else args.amp,  # the forward / evaluation precision
             "malloc_tuned": malloc_tuned,
             "command": "python -m benchmark.perf " + " ".join(args.argv),
         },
@@ -732,17 +800,22 @@ def markdown(result: dict[str, Any]) -> str:
     """The result as a markdown table (plus pairs and the data pipeline line)."""
     cfg, mach = result["config"], result["machine"]
     where = mach.get("gpu") or f"{mach['cpu']}, {mach['torch_threads']} threads"
-    prec = cfg["amp"] or "fp32"
+    prec = {None: "fp32", "bfloat16": "bf16 autocast", "float16": "fp16 autocast + GradScaler"}.get(
+        cfg["amp"], cfg["amp"]
+    )
     lines = [
         f"{cfg['backbone']} at {cfg['img']}x{cfg['img']}, batch {cfg['batch']}, {prec}, {cfg['device']} ({where}), "
         f"torch {mach['torch']}; medians of {cfg['steps']} rounds after {cfg['warmup']} warm-up, methods interleaved"
         + (", torch.compile" if cfg["compile"] else "")
         + (", channels-last" if cfg["channels_last"] else "")
-        + (", backbone only (no decoders: features -> mean-square loss)" if cfg["backbone_only"] else ""),
+        + (", backbone only (no decoders: features -> mean-square loss)" if cfg["backbone_only"] else "")
+        + (", train step only" if cfg.get("train_only") else "")
+        + (", forward / eval in fp32" if cfg["amp"] and "eval_amp" in cfg and cfg["eval_amp"] is None else ""),
         "",
     ]
     has_mem = all("peak_mem_bytes" in r for r in result["methods"].values())
     has_tensor = has_mem and all("tensor_peak_vs_reference" in r for r in result["methods"].values())
+    has_reserved = has_mem and all("peak_reserved_bytes" in r for r in result["methods"].values())
     head = [
         "method",
         "trainable",
@@ -758,6 +831,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     if has_mem:
         head += ["peak MB", "x ref"] + (["tensor peak MB", "x ref"] if has_tensor else [])
+        head += ["reserved MB"] if has_reserved else []
     head.append("LoRA forms")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in result["methods"].items():
@@ -769,15 +843,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['step_vs_full_ft']:.2f}",
             f"{r['step_flops'] / 1e9:.1f}",
             f"{r['flops_vs_full_ft']:.2f}",
-            f"{r['forward_ips']:.2f}",
+            f"{r['forward_ips']:.2f}" if "forward_ips" in r else "-",
             f"{r['eval_ips']:.2f}" if "eval_ips" in r else "-",
             f"{r['eval_vs_forward']:.2f}" if "eval_vs_forward" in r else "-",
-            f"{r['forward_unmerged_ips']:.2f}",
+            f"{r['forward_unmerged_ips']:.2f}" if "forward_unmerged_ips" in r else "-",
         ]
         if has_mem:
             row += [f"{r['peak_mem_bytes'] / 2**20:.0f}", f"{r['mem_vs_reference']:.2f}"]
         if has_tensor:
             row += [f"{r['tensor_peak_bytes'] / 2**20:.0f}", f"{r['tensor_peak_vs_reference']:.2f}"]
+        if has_reserved:
+            row.append(f"{r['peak_reserved_bytes'] / 2**20:.0f}")
         row.append(", ".join(f"{k} {v}" for k, v in r["lora_forms"].items()) or "-")
         lines.append("| " + " | ".join(row) + " |")
     if result["pairs"]:
@@ -838,12 +914,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive, default=5, help="timed rounds (medians over them)")
     p.add_argument("--warmup", type=int, default=2, help="untimed train rounds before the timed ones")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (meant for --device cuda)")
+    p.add_argument(
+        "--amp",
+        nargs="?",
+        const="bfloat16",
+        choices=[d for d in AMP_DTYPES if d],
+        default=None,
+        help="autocast dtype (meant for --device cuda): bfloat16 (also what a bare --amp means) or float16, which "
+        "trains with a dynamic GradScaler as run_benchmark's default --amp-dtype float16 does",
+    )
     p.add_argument("--threads", type=_positive, default=2, help="torch.set_num_threads on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (off by default: docs/perf.md)")
     p.add_argument("--channels-last", action="store_true", help="channels-last models and input")
     p.add_argument("--backbone-only", action="store_true", help="time the Swin alone (no decoders, no eval)")
+    p.add_argument(
+        "--eval-fp32",
+        action="store_true",
+        help="forward and evaluation in fp32 (as run_benchmark evaluates) while --amp applies to the train step",
+    )
+    p.add_argument(
+        "--train-only",
+        action="store_true",
+        help="time the train step alone (no forward / evaluation rounds): with --compile, one graph per model",
+    )
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory subprocesses")
+    p.add_argument(
+        "--memory-jobs", type=_positive, default=1, help="memory subprocesses at a time (on a GPU: its memory shared)"
+    )
     p.add_argument("--data-images", type=int, default=16, help="images for the data pipeline (0: skip it)")
     p.add_argument("--data", default=None, help="a PASCAL_MT root for the data pipeline (default: generated)")
     p.add_argument("--data-size", type=_size_range, default=(375, 500), help="generated image sizes LO,HI px")

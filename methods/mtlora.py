@@ -422,19 +422,33 @@ class _TaskMLPCodes(torch.autograd.Function):
         approximate = ctx.approximate  # type: ignore[attr-defined]
         n_tasks, m, _ = h1.shape
         rows = _chunk_rows(n_tasks, pre1.shape[1], pre1.element_size())
+        # Backward runs outside autocast: under AMP the saved activations are fp16 / bf16 while the factors are
+        # fp32 parameters, so the products run in the activations' dtype, as autocast ran them in forward, and
+        # the factors' gradients accumulate in their own dtype (fp32) over the chunks. Without AMP all casts are
+        # no-ops.
+        dt = pre1.dtype
+        h1, grad, b1c, a2c = h1.to(dt), grad.to(dt), b1.to(dt), a2.to(dt)
         g_pre, g_h1 = torch.empty_like(pre1), torch.empty_like(h1)
         g_b1, g_a2 = torch.zeros_like(b1), torch.zeros_like(a2)
-        b1t = b1.transpose(1, 2)
+        b1t = b1c.transpose(1, 2)
         for s in range(0, m, rows):
             e = min(m, s + rows)
             z = torch.bmm(h1[:, s:e], b1t).add_(pre1[s:e])  # recomputed
             g = grad[:, s:e]
-            g_a2.baddbmm_(g.transpose(1, 2), F.gelu(z, approximate=approximate))
-            g_z = torch.ops.aten.gelu_backward(torch.bmm(g, a2), z, approximate=approximate)
+            _acc_bmm(g_a2, g.transpose(1, 2), F.gelu(z, approximate=approximate))
+            g_z = torch.ops.aten.gelu_backward(torch.bmm(g, a2c), z, approximate=approximate)
             torch.sum(g_z, 0, out=g_pre[s:e])
-            g_h1[:, s:e] = torch.bmm(g_z, b1)
-            g_b1.baddbmm_(g_z.transpose(1, 2), h1[:, s:e])
+            g_h1[:, s:e] = torch.bmm(g_z, b1c)
+            _acc_bmm(g_b1, g_z.transpose(1, 2), h1[:, s:e])
         return g_pre, g_h1, g_b1, g_a2, None
+
+
+def _acc_bmm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` (batched) in ``acc``'s dtype; fused when the dtypes agree."""
+    if a.dtype == acc.dtype:
+        acc.baddbmm_(a, b)
+    else:
+        acc.add_(torch.bmm(a, b))
 
 
 def _chunk_rows(n_tasks: int, hidden: int, itemsize: int) -> int:
