@@ -498,6 +498,50 @@ def _geometry_checks(stem: str, model: MultiTaskModel, config: Mapping[str, Any]
     return checks
 
 
+def output_checks(
+    stem: str, outputs: Mapping[str, Tensor], heads: Mapping[str, Tensor], fx: Mapping[str, Any]
+) -> list[Check]:
+    """This implementation's eval outputs (and pre-resize head outputs) against a model fixture, full or lean form.
+
+    Full form: every pixel of ``outputs``. Lean form (``benchmark.lean_fixtures``): every pixel against the official
+    resize of the official heads, plus the official full-resolution values at the subsampled pixels. The resize
+    term of the tolerance is the fp32 rounding of that resize as measured when the lean file was made.
+    """
+    checks = []
+    if "outputs" in fx:
+        for t, ref in fx["outputs"].items():
+            checks.append(_compare(f"{stem}/outputs/{t}", outputs[t], ref))
+    else:
+        from benchmark.lean_fixtures import resize_heads
+
+        lean = fx["outputs_lean"]
+        s = int(lean["stride"])
+        for t, sub in lean["subsample"].items():
+            shape = tuple(int(x) for x in lean["shape"][t])
+            ours = outputs[t]
+            if tuple(ours.shape) != shape:
+                checks.append(
+                    Check(f"{stem}/outputs/{t}", math.inf, 0.0, False, f"shape {tuple(ours.shape)} != {shape}")
+                )
+                continue
+            ref_full = resize_heads(fx["head_outputs_before_resize"][t], shape[-2:])
+            c = _compare(f"{stem}/outputs/{t}", ours, ref_full)
+            extra = float(lean["resize_of_heads_max_abs_diff"][t])
+            checks.append(
+                replace(
+                    c,
+                    tol=c.tol + extra,
+                    passed=c.max_diff <= c.tol + extra,
+                    detail=c.detail + f"; every pixel vs resize of official heads (+{extra:.3g} resize rounding)",
+                )
+            )
+            c = _compare(f"{stem}/outputs_subsample/{t}", ours[:, :, ::s, ::s], sub)
+            checks.append(replace(c, detail=c.detail + f"; official full-resolution values at stride {s}"))
+    for t, ref in fx.get("head_outputs_before_resize", {}).items():
+        checks.append(_compare(f"{stem}/head_outputs_before_resize/{t}", heads[t], ref))
+    return checks
+
+
 def _official_trainable_names(names: list[str]) -> set[str]:
     return {k for k in (official_to_local_key(n) for n in names) if k is not None}
 
@@ -508,9 +552,11 @@ def parity_checks(model_fixture_path: Path) -> list[Check]:
     if not path.is_file():
         raise FileNotFoundError(f"model fixture {path} does not exist")
     fx = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("config", "state_dict", "input", "outputs"):
+    for key in ("config", "state_dict", "input"):
         if key not in fx:
             raise ValueError(f"model fixture {path}: missing key {key!r}")
+    if "outputs" not in fx and "outputs_lean" not in fx:
+        raise ValueError(f"model fixture {path}: missing key 'outputs' (full form) or 'outputs_lean' (lean form)")
     stem = path.stem
     config = fx["config"]
     model, cfg = build_from_fixture_config(config)
@@ -524,10 +570,7 @@ def parity_checks(model_fixture_path: Path) -> list[Check]:
         feats = model.backbone(image)
         heads = {t: model.decoders[t](feats[t]) for t in model.tasks}
         patch_tokens, stages = model.backbone.forward_stages(image)
-    for t, ref in fx["outputs"].items():
-        checks.append(_compare(f"{stem}/outputs/{t}", outputs[t], ref))
-    for t, ref in fx.get("head_outputs_before_resize", {}).items():
-        checks.append(_compare(f"{stem}/head_outputs_before_resize/{t}", heads[t], ref))
+    checks += output_checks(stem, outputs, heads, fx)
     debug = fx.get("debug_intermediates")
     if debug:
         tokens = patch_tokens.flatten(1, 2)
@@ -580,10 +623,24 @@ def _trainable_checks(stem: str, model: nn.Module, trainable: Mapping[str, Any] 
     return checks
 
 
-def _grad_checks(grad_path: Path, model_path: Path, fx: Mapping[str, Any]) -> list[Check]:
+def fixture_loss(model: MultiTaskModel, weights: Mapping[str, Any], source: Path | str) -> nn.Module:
+    """This harness's multi-task loss (the one a run trains with) for the model's tasks, with a fixture's weights."""
     from benchmark.losses import LOSSES, MultiTaskLoss
     from benchmark.protocol import TASKS, TaskSpec
 
+    unknown = [t for t in model.tasks if t not in LOSSES or t not in weights]
+    if unknown:
+        raise ValueError(f"{source}: no loss or loss weight for task(s) {unknown}")
+    specs = [
+        replace(TASKS[t], loss_weight=float(weights[t]))
+        if t in TASKS
+        else TaskSpec(t, "", True, model.cfg.tasks[t], float(weights[t]), False, t)
+        for t in model.tasks
+    ]
+    return MultiTaskLoss(specs)
+
+
+def _grad_checks(grad_path: Path, model_path: Path, fx: Mapping[str, Any]) -> list[Check]:
     g = torch.load(grad_path, map_location="cpu", weights_only=True)
     stem = grad_path.stem
     uses = g.get("uses_state_dict_and_input_of")
@@ -592,20 +649,11 @@ def _grad_checks(grad_path: Path, model_path: Path, fx: Mapping[str, Any]) -> li
     model, _ = build_from_fixture_config(fx["config"], drop_path_rate=0.0, lora_dropout=0.0)
     load_official_state_dict(model, fx["state_dict"])
     model.train()
-    weights = g["loss_weights"]
-    unknown = [t for t in model.tasks if t not in LOSSES or t not in weights]
-    if unknown:
-        raise ValueError(f"{grad_path}: no loss or loss weight for task(s) {unknown}")
-    specs = [
-        replace(TASKS[t], loss_weight=float(weights[t]))
-        if t in TASKS
-        else TaskSpec(t, "", True, model.cfg.tasks[t], float(weights[t]), False, t)
-        for t in model.tasks
-    ]
+    loss_fn = fixture_loss(model, g["loss_weights"], grad_path)
     targets = {t: v.to(torch.float64) for t, v in g["targets"].items()}  # the official loader's dtype
     model.zero_grad(set_to_none=True)
     outputs = model(fx["input"])
-    losses = MultiTaskLoss(specs)(outputs, targets)
+    losses = loss_fn(outputs, targets)
     losses["total"].backward()
 
     checks = []
