@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MTPEFT_SHARED", ROOT.parent / "shared"))
-FIXTURES = SHARED / "fixtures" / "official_parity"
+# the official-parity fixtures, in the repository (lean form, see tests/fixtures/README.md)
+FIXTURES = ROOT / "tests" / "fixtures" / "official_parity"
 
 try:  # the leaderboard tests run in a torch-free environment too (tox -e leaderboard)
     import torch
@@ -20,5 +20,5 @@ else:
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     if not FIXTURES.is_dir():
-        pytest.fail(f"official parity fixtures not found at {FIXTURES} (set MTPEFT_SHARED)")
+        pytest.fail(f"official parity fixtures not found at {FIXTURES} (they are part of the repository)")
     return FIXTURES

@@ -1,4 +1,4 @@
-"""``python -m benchmark.parity``: dispatch, exit codes and output, on the shared fixture, on perturbed copies and
+"""``python -m benchmark.parity``: dispatch, exit codes and output, on the repository's fixtures, on perturbed copies and
 on a fixture-format file built here from seeded random data with expected values from plain numpy."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _summary(out: str) -> tuple[int, int]:
     return int(passed), int(failed)
 
 
-# ---------------------------------------------------------------- the shared fixture
+# ---------------------------------------------------------------- the repository's fixtures
 
 
 def test_cli_passes_on_the_shared_metrics_fixture(fixture_dir):
@@ -107,6 +107,26 @@ def test_delta_m_uses_the_fixture_references(fixture_dir, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- dispatch, errors, JSON
+
+
+def test_without_a_folder_every_fixture_set_of_the_repository_runs(tmp_path, monkeypatch, capsys, fixture_dir):
+    found = parity.discover_sets(parity.FIXTURES_ROOT)
+    kinds = {(p.parent.name, k) for k, p in found}
+    assert {("official_parity", k) for k in ("dataset", "metrics", "model", "train")} <= kinds
+    assert parity.FIXTURES_ROOT / "official_parity" == fixture_dir
+    # each sub-folder is one set; a folder without fixtures of a known kind is not one
+    root = tmp_path / "fixtures"
+    (root / "a").mkdir(parents=True)
+    (root / "notes").mkdir()
+    (root / "notes" / "README.md").write_text("x")
+    torch.save(torch.load(fixture_dir / "metrics_public.pt", weights_only=True), root / "a" / "metrics_public.pt")
+    monkeypatch.setattr(parity, "FIXTURES_ROOT", root)
+    assert parity.main([]) == 0
+    out = capsys.readouterr().out
+    assert "== a/metrics_public.pt (metrics)" in out and "notes" not in out
+    monkeypatch.setattr(parity, "FIXTURES_ROOT", tmp_path / "none")
+    assert parity.main([]) == 2
+    assert "no fixture sets" in capsys.readouterr().err
 
 
 def test_empty_or_missing_folder_is_a_usage_error(tmp_path, capsys):
