@@ -43,14 +43,19 @@ from benchmark.parity import Check
 # float32 re-implementation lands within 1e-5 of the largest magnitude. Injected mistakes move the
 # outputs by >= 7e-4 relative (tanh GELU), most by 1e-2 or more.
 REL_TOL = 1e-5
-# Gradients have no noise floor in the README; measured on the public fixture: this implementation
-# (float32) agrees with the official gradients to <= 5.4e-5 of each tensor's largest gradient, while the
-# same model run in float64 instead moves them by up to 1.1e-2 (ReLU units in the decoder heads whose
-# pre-activation is within rounding of 0 flip, and conv biases before BatchNorm have a true gradient of
-# 0, so their stored values are pure rounding). The tolerance sits between the two: 1e-3 of the tensor's
-# largest gradient, plus an absolute floor of 1e-6 of the global gradient norm for gradients that are
-# sums of cancelling terms. Backward mistakes (a missing or extra path, wrong scale) move them by O(1e-2..1).
-GRAD_REL_TOL = 1e-3
+# Gradients: the fixture gives no noise floor for them, so the yardstick is this harness's own float64 run of the
+# same step (same weights, input and targets). For each tensor, r_t = max|g32 - g64| / max|g64| is the relative
+# fp32 error of this backward in that tensor: reduction noise plus its discontinuities (ReLU units of the decoder
+# heads whose pre-activation is within rounding of 0 flip, each flip moving the gradients upstream of it by a
+# discrete amount; r_t reaches ~1e-2 in the head convs). The official gradient is another fp32 evaluation with
+# the same kind of error, so |ours - official| <= |ours - exact| + |exact - official| ~ 2 r_t max|g|; one measured
+# r_t is a single sample of that error, hence GRAD_K = 3 (as for the training-loop checks,
+# benchmark/official_train.py). The absolute floor, for gradients that are sums of cancelling terms (and for
+# tensors whose exact gradient is 0, such as conv biases before a BatchNorm, whose fp32 values are pure rounding):
+# 16 fp32 ulps (2**-24 each) of the global gradient norm, the size of the terms that cancel: 16 * 6e-8 ~ 1e-6.
+# Backward mistakes (a missing or extra path, a wrong scale) move gradients by O(1e-2..1) of their scale.
+GRAD_K = 3.0
+GLOBAL_NORM = "<global gradient norm>"
 GRAD_ABS_FLOOR = 1e-6
 
 
@@ -640,6 +645,29 @@ def fixture_loss(model: MultiTaskModel, weights: Mapping[str, Any], source: Path
     return MultiTaskLoss(specs)
 
 
+def _fp64_gradient_noise(
+    fx: Mapping[str, Any], g: Mapping[str, Any], params: Mapping[str, nn.Parameter], source: Path
+) -> dict[str, float]:
+    """name -> r_t: max|g32 - g64| / max|g64| between this float32 backward (``params``' grads) and the same step
+    run in float64 (see GRAD_K); 0 where the float64 gradient is 0. ``GLOBAL_NORM``: the same for the global norm."""
+    model, _ = build_from_fixture_config(fx["config"], drop_path_rate=0.0, lora_dropout=0.0)
+    load_official_state_dict(model, fx["state_dict"])
+    model.double().train()
+    loss_fn = fixture_loss(model, g["loss_weights"], source)
+    targets = {t: v.to(torch.float64) for t, v in g["targets"].items()}
+    loss_fn(model(fx["input"].double()), targets)["total"].backward()
+    r, sq32, sq64 = {}, 0.0, 0.0
+    for name, p64 in model.named_parameters():
+        p32 = params.get(name)
+        if p64.grad is None or p32 is None or p32.grad is None:
+            continue
+        scale = float(p64.grad.abs().max())
+        r[name] = float((p32.grad.double() - p64.grad).abs().max()) / scale if scale > 0 else 0.0
+        sq32, sq64 = sq32 + float(p32.grad.double().pow(2).sum()), sq64 + float(p64.grad.pow(2).sum())
+    r[GLOBAL_NORM] = abs(math.sqrt(sq32) - math.sqrt(sq64)) / math.sqrt(sq64) if sq64 > 0 else 0.0
+    return r
+
+
 def _grad_checks(grad_path: Path, model_path: Path, fx: Mapping[str, Any]) -> list[Check]:
     g = torch.load(grad_path, map_location="cpu", weights_only=True)
     stem = grad_path.stem
@@ -669,6 +697,7 @@ def _grad_checks(grad_path: Path, model_path: Path, fx: Mapping[str, Any]) -> li
     params = dict(model.named_parameters())
     ref_global = float(g.get("global_grad_l2_norm", 0.0))
     floor = GRAD_ABS_FLOOR * ref_global
+    r = _fp64_gradient_noise(fx, g, params, grad_path)
     for name, ref in g.get("grads", {}).items():
         p = params.get(official_to_local_key(name) or "")
         if p is None or p.grad is None:
@@ -676,12 +705,16 @@ def _grad_checks(grad_path: Path, model_path: Path, fx: Mapping[str, Any]) -> li
             continue
         scale = float(ref.abs().max())
         diff = float((p.grad.double() - ref.double()).abs().max())
-        tol = GRAD_REL_TOL * scale + floor
-        checks.append(Check(f"{stem}/grad/{name}", diff, tol, diff <= tol, f"max|ref|={scale:.4g}"))
+        r_t = r.get(official_to_local_key(name) or "", 0.0)
+        tol = GRAD_K * r_t * scale + floor
+        detail = (
+            f"max|ref|={scale:.4g}; tol 3 r_t max|ref| + floor, r_t={r_t:.3g} (fp32 vs fp64 here), floor {floor:.3g}"
+        )
+        checks.append(Check(f"{stem}/grad/{name}", diff, tol, diff <= tol, detail))
 
     norms = g.get("grad_l2_norm_per_trainable_param", {})
     if norms:
-        # max_diff: the worst |norm - ref| as a fraction of its own tolerance (rel 1e-3 + floor); passes at <= 1
+        # max_diff: the worst |norm - ref| as a fraction of its own tolerance (3 r_t ref + floor); passes at <= 1
         worst, worst_name, none_mismatch = 0.0, "", []
         for name, ref in norms.items():
             p = params.get(official_to_local_key(name) or "")
@@ -691,7 +724,9 @@ def _grad_checks(grad_path: Path, model_path: Path, fx: Mapping[str, Any]) -> li
                 continue
             if ref is None:
                 continue
-            frac = abs(ours_n - float(ref)) / (GRAD_REL_TOL * float(ref) + floor)
+            frac = abs(ours_n - float(ref)) / (
+                GRAD_K * r.get(official_to_local_key(name) or "", 0.0) * float(ref) + floor
+            )
             if frac > worst:
                 worst, worst_name = frac, name
         checks.append(
@@ -714,7 +749,7 @@ def _grad_checks(grad_path: Path, model_path: Path, fx: Mapping[str, Any]) -> li
         )
         ours_g, ref_g = math.sqrt(sq), float(g["global_grad_l2_norm"])
         d = abs(ours_g - ref_g)
-        tol = GRAD_REL_TOL * ref_g
+        tol = GRAD_K * r[GLOBAL_NORM] * ref_g + floor
         checks.append(Check(f"{stem}/global_grad_norm", d, tol, d <= tol, f"ours {ours_g:.10g} official {ref_g:.10g}"))
     frozen = g.get("frozen_params_checked_no_grad", [])
     if frozen:
