@@ -1,4 +1,4 @@
-"""PASCAL-Context multi-task data ("PASCAL_MT", protocol.md 1): loader, label decoding, checks, parity.
+"""PASCAL-Context multi-task data ("PASCAL_MT", docs/protocol.md 1): loader, label decoding, checks, parity.
 
 Layout read under ``root`` (the real PASCAL_MT folder, the fixture's tiny copy, or ``benchmark-data synth``)::
 
@@ -60,7 +60,7 @@ PERSON_CLASS = 15  # PASCAL VOC / PASCAL-Part category id of 'person'
 CACHE_ENV = "MTPEFT_CACHE"
 SIZE_MISMATCH = ("error", "resize")
 
-# The official 6-part grouping of the PASCAL-Part person parts (protocol.md 1.2); any other part name is 0.
+# The official 6-part grouping of the PASCAL-Part person parts (docs/protocol.md 1.2); any other part name is 0.
 HUMAN_PART_GROUPS: dict[str, int] = {
     **dict.fromkeys(("hair", "head", "lear", "rear", "lebrow", "rebrow", "leye", "reye", "mouth", "nose"), 1),
     **dict.fromkeys(("neck", "torso"), 2),

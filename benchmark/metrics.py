@@ -1,4 +1,4 @@
-"""Task metrics as pure (stats, reduce) meters, the official MTLoRA definitions (protocol.md section 4).
+"""Task metrics as pure (stats, reduce) meters, the official MTLoRA definitions (docs/protocol.md section 4).
 
 Every meter turns one batch of network outputs into small CPU statistics, ``stats(pred_logits, target)``,
 and a list of those statistics into numbers, ``reduce(list_of_stats)``. Statistics are integer counts or

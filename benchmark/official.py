@@ -1,7 +1,7 @@
 """Official MTLoRA checkpoints and parity with the official implementation.
 
 - ``load_official_state_dict``: an official ``MultiTaskSwin`` state dict (scale-lab/MTLoRA) onto this
-  project's model (key naming: ../shared/fixtures/official_parity/README.md section 1, protocol.md 8);
+  project's model (key naming: tests/fixtures/README.md, docs/protocol.md 8);
 - ``load_pretrained_backbone``: ImageNet Swin weights (timm or original Microsoft release format);
 - ``build_from_fixture_config``: this implementation built from a parity fixture's ``config`` dict;
 - ``parity_checks``: a ``model_*.pt`` fixture (and its ``model_*_grad.pt`` companion) against this code.

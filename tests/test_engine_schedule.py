@@ -1,4 +1,4 @@
-"""The optimiser and LR schedule equal the official ones (timm's CosineLRScheduler, protocol.md 2.4)."""
+"""The optimiser and LR schedule equal the official ones (timm's CosineLRScheduler, docs/protocol.md 2.4)."""
 
 from __future__ import annotations
 
