@@ -82,30 +82,51 @@ def _atomic_save(obj: object, dst: Path) -> None:
 
 
 def make_lean(src: Path, dst: Path, stride: int = DEFAULT_STRIDE) -> list[str]:
-    """Write the lean form of fixture folder ``src`` into ``dst``; returns one line per file written."""
+    """Write the lean form of fixture folder ``src`` into ``dst``; returns one line per file written.
+
+    Every model file is converted (and checked) before anything is written, so a refused file leaves ``dst``
+    as it was.
+    """
     if not src.is_dir():
         raise LeanError(f"fixture folder not found: {src}")
+    plan: list[tuple[Path, object]] = []  # (source path, lean dict or None to copy as it is)
+    for path in sorted(src.iterdir()):
+        if path.is_dir() or path.suffix != ".pt":
+            if path.is_dir():
+                plan.append((path, None))
+            continue
+        try:
+            fx = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise LeanError(f"{path}: not a fixture file readable with weights_only=True ({e})") from None
+        lean = None
+        if isinstance(fx, dict) and "outputs" in fx and "head_outputs_before_resize" in fx:
+            lean = lean_model_fixture(fx, stride, str(path))
+        plan.append((path, lean))
+    if not plan:
+        raise LeanError(f"no fixture files (*.pt) in {src}")
     dst.mkdir(parents=True, exist_ok=True)
     lines = []
-    for path in sorted(src.iterdir()):
+    for path, lean in plan:
         target = dst / path.name
         if path.is_dir():
+            tmp = dst / f".{path.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(path, tmp)
             if target.exists():
                 shutil.rmtree(target)
-            shutil.copytree(path, target)
+            tmp.replace(target)
             lines.append(f"copied folder {path.name}/")
-        elif path.suffix == ".pt":
-            fx = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(fx, dict) and "outputs" in fx and "head_outputs_before_resize" in fx:
-                _atomic_save(lean_model_fixture(fx, stride, str(path)), target)
-                lines.append(
-                    f"lean {path.name}: {path.stat().st_size / 1e6:.1f} MB -> {target.stat().st_size / 1e6:.1f} MB"
-                )
-            else:
-                tmp = target.with_name(target.name + ".tmp")
-                shutil.copyfile(path, tmp)
-                tmp.replace(target)
-                lines.append(f"copied {path.name}")
+        elif lean is not None:
+            _atomic_save(lean, target)
+            lines.append(
+                f"lean {path.name}: {path.stat().st_size / 1e6:.1f} MB -> {target.stat().st_size / 1e6:.1f} MB"
+            )
+        else:
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.copyfile(path, tmp)
+            tmp.replace(target)
+            lines.append(f"copied {path.name}")
     return lines
 
 

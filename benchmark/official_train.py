@@ -105,10 +105,11 @@ def parity_checks(train_fixture_path: Path) -> list[Check]:
 
     path = Path(train_fixture_path)
     fx = torch.load(path, map_location="cpu", weights_only=True)
+    model_path = _companion(path, fx)
     for key in ("settings", "batches", "trajectory", "param_groups", "final", "reproducibility"):
         if key not in fx:
             raise ValueError(f"train fixture {path}: missing key {key!r}")
-    model_fx = torch.load(_companion(path, fx), map_location="cpu", weights_only=True)
+    model_fx = torch.load(model_path, map_location="cpu", weights_only=True)
     st, stem = fx["settings"], path.stem
     if st.get("accumulation_steps", 1) != 1 or st.get("amp", False):
         raise ValueError(f"{path}: only accumulation_steps 1 without AMP is supported")
