@@ -111,8 +111,13 @@ def parity_checks(train_fixture_path: Path) -> list[Check]:
             raise ValueError(f"train fixture {path}: missing key {key!r}")
     model_fx = torch.load(model_path, map_location="cpu", weights_only=True)
     st, stem = fx["settings"], path.stem
-    if st.get("accumulation_steps", 1) != 1 or st.get("amp", False):
-        raise ValueError(f"{path}: only accumulation_steps 1 without AMP is supported")
+    if st.get("accumulation_steps", 1) != 1 or st.get("amp", False) or st.get("clip_grad") is None:
+        raise ValueError(f"{path}: only accumulation_steps 1, no AMP and a clip_grad value are supported")
+    sched = st.get("scheduler", {})
+    expected = {"warmup_prefix": True, "t_in_epochs": False, "cycle_limit": 1, "noise_range_t": None}
+    other = {k: sched[k] for k, v in expected.items() if k in sched and sched[k] != v}
+    if other:
+        raise ValueError(f"{path}: scheduler settings {other} are not the official schedule this harness implements")
     checks: list[Check] = []
 
     # ---- the model, the loss, the optimiser and the schedule a run builds
@@ -131,7 +136,7 @@ def parity_checks(train_fixture_path: Path) -> list[Check]:
         base_lr=float(st["config_base_lr"]),
         warmup_lr=float(st["config_warmup_lr"]),
         min_lr=float(st["config_min_lr"]),
-        warmup_epochs=int(st["warmup_epochs"]),
+        warmup_epochs=float(st["warmup_epochs"]),
     )
     schedule = replace(engine.make_schedule(protocol, total_batch, ipe, epochs), official_lr_lag=True)
     for key, ours in (
