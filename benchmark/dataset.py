@@ -726,7 +726,7 @@ def parity_checks(fixture_path: str | os.PathLike[str], image_tol: float = 1e-5)
 
     Error model of ``image_tol``: once the official truncation and wrap are reproduced the uint8 image is exact, and
     the normalisation ``(x / 255 - mean) / std`` is a few fp32 roundings of values up to |(1 - 0.406) / 0.225| =
-    2.64, i.e. < 1e-6; 1e-5 is what another order of those operations can reach, while one uint8 step moves a
+    2.64, i.e. < 1e-6; 1e-5 (the fixture README's figure) is ten times that, while one uint8 step moves a
     value by 1 / 255 / 0.229 ~ 0.017. Labels are integers (normals: float64 of the same OpenCV arithmetic): exact.
 
     One Check per (id, entry): the transformed tensors (labels exact, image within ``image_tol``), the raw arrays
