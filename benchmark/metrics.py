@@ -627,7 +627,7 @@ def parity_checks(path: str | Path) -> list[Check]:
             checks.append(_compare(f"{stem}/delta_m/term/{t}", terms.get(t, math.nan), ref, METRIC_TOL))
         checks.append(_compare(f"{stem}/delta_m/delta_m_pct", value, _field(dm, p, ["delta_m_pct"]), METRIC_TOL))
     # (the fixture's references are inputs of the formula check; the protocol's own REFERENCES are data,
-    # tested against published_results.md by the leaderboard's golden tests)
+    # tested against the published CSVs by the leaderboard's golden tests)
 
     # 5. the worked example: the formula alone, on given table values
     ex = _field(fx, p, ["delta_m_worked_example"])
