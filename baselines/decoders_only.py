@@ -1,7 +1,7 @@
 """Decoders only: the Swin backbone stays frozen, only the per-task decoders are trained.
 
 The "MTL - tuning decoders only" row of MTLoRA Table 1: 1,946,624 trainable parameters at the paper config
-(protocol.md 3.6). Nothing is added to the model.
+(docs/protocol.md 3.6). Nothing is added to the model.
 """
 
 from __future__ import annotations

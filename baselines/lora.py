@@ -3,7 +3,7 @@
 Injected by HF peft (``inject_adapter_in_model`` on ``model.backbone``): each targeted ``nn.Linear`` computes
 ``W x + b + (alpha / rank) * B A dropout(x)`` with ``B`` zero-initialised, so the model starts equal to the frozen
 one. Targets are module-name suffixes matched by peft; the defaults are qkv, attention proj, fc1 and fc2 of every
-block (70,656 x rank parameters in Swin-T, protocol.md 3.6), not the patch-merging reductions. Only the LoRA
+block (70,656 x rank parameters in Swin-T, docs/protocol.md 3.6), not the patch-merging reductions. Only the LoRA
 matrices and the decoders train; unlike MTLoRA, norms, biases and relative-position tables stay frozen.
 
 peft builds the layers through its custom-module hook (``LoraConfig._register_custom_module``) as
@@ -38,7 +38,7 @@ from methods.lora_ops import FORMS, lora_linear, single_plain_adapter
 @dataclass(frozen=True)
 class LoRAConfig(MethodConfig):
     rank: int = 16
-    alpha: float = 64.0  # scale alpha / rank = 4 at the default rank, MTLoRA's constant scale (protocol.md 3.2)
+    alpha: float = 64.0  # scale alpha / rank = 4 at the default rank, MTLoRA's constant scale (docs/protocol.md 3.2)
     dropout: float = 0.05  # on the LoRA input, as MTLoRA
     targets: tuple[str, ...] = ("qkv", "attn.proj", "fc1", "fc2")  # module-name suffixes inside the Swin
     per_task: bool = False  # each task its own LoRA matrices; false: one LoRA shared by all tasks

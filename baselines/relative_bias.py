@@ -1,7 +1,7 @@
 """Relative bias: train only the relative-position-bias tables of the frozen Swin (MTLoRA Table 1 baseline).
 
 Every window attention keeps a ``(2W-1)^2 x heads`` table of learned biases added to its attention logits; this
-baseline trains those tables (23,322 parameters in Swin-T, protocol.md 3.6) plus the decoders. Nothing is added.
+baseline trains those tables (23,322 parameters in Swin-T, docs/protocol.md 3.6) plus the decoders. Nothing is added.
 As in MTLoRA's Table 1 (copied from Polyhistor), each task gets its own copy of the tables by default
 (``per_task``: the backbone runs once per task, ``methods.base.PerTaskBackbone``); ``per_task=false`` trains one
 set shared by all tasks.

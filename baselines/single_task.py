@@ -3,7 +3,7 @@
 ``apply`` turns the shared multi-task model into ``SingleTaskModels``: task ``t`` gets its own deep copy of the given
 backbone (so a pretrained load done before ``apply`` carries over to every copy, and all copies start identical)
 and keeps its own decoder. Everything is trainable: 4 x 27,517,818 + 1,946,624 = 112,017,896 parameters at the paper
-config (protocol.md 3.6). Parameter names are ``backbones.<task>.*`` and ``decoders.<task>.*``, so the accounting
+config (docs/protocol.md 3.6). Parameter names are ``backbones.<task>.*`` and ``decoders.<task>.*``, so the accounting
 of ``benchmark.params`` classifies them as backbone and decoder.
 """
 

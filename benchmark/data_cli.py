@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 from benchmark.dataset import SPLITS, TASKS, DatasetError, check_dataset
 
-DEFAULT_URL = "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz"  # protocol.md 1
+DEFAULT_URL = "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz"  # docs/protocol.md 1
 _CHUNK = 1 << 20
 
 

@@ -1,4 +1,4 @@
-"""PASCAL-Context multi-task data ("PASCAL_MT", protocol.md 1): loader, label decoding, checks, parity.
+"""PASCAL-Context multi-task data ("PASCAL_MT", docs/protocol.md 1): loader, label decoding, checks, parity.
 
 Layout read under ``root`` (the real PASCAL_MT folder, the fixture's tiny copy, or ``benchmark-data synth``)::
 
@@ -60,7 +60,7 @@ PERSON_CLASS = 15  # PASCAL VOC / PASCAL-Part category id of 'person'
 CACHE_ENV = "MTPEFT_CACHE"
 SIZE_MISMATCH = ("error", "resize")
 
-# The official 6-part grouping of the PASCAL-Part person parts (protocol.md 1.2); any other part name is 0.
+# The official 6-part grouping of the PASCAL-Part person parts (docs/protocol.md 1.2); any other part name is 0.
 HUMAN_PART_GROUPS: dict[str, int] = {
     **dict.fromkeys(("hair", "head", "lear", "rear", "lebrow", "rebrow", "leye", "reye", "mouth", "nose"), 1),
     **dict.fromkeys(("neck", "torso"), 2),
@@ -723,6 +723,11 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def parity_checks(fixture_path: str | os.PathLike[str], image_tol: float = 1e-5) -> list[Check]:
     """Run the loader with the val transforms (official uint8 wrap) on the fixture's dataset and compare.
+
+    Error model of ``image_tol``: once the official truncation and wrap are reproduced the uint8 image is exact, and
+    the normalisation ``(x / 255 - mean) / std`` is a few fp32 roundings of values up to |(1 - 0.406) / 0.225| =
+    2.64, i.e. < 1e-6; 1e-5 (the fixture README's figure) is ten times that, while one uint8 step moves a
+    value by 1 / 255 / 0.229 ~ 0.017. Labels are integers (normals: float64 of the same OpenCV arithmetic): exact.
 
     One Check per (id, entry): the transformed tensors (labels exact, image within ``image_tol``), the raw arrays
     before the transforms, the meta size, the has-person flag; plus the id order and the normals' valid class set.

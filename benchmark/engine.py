@@ -37,7 +37,9 @@ from mmengine.evaluator import BaseMetric, Evaluator
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import BaseModel
-from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR, OptimWrapper
+from mmengine.optim import AmpOptimWrapper, OptimWrapper
+from mmengine.optim.scheduler.lr_scheduler import LRSchedulerMixin
+from mmengine.optim.scheduler.param_scheduler import _ParamScheduler
 from mmengine.runner import Runner
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -615,13 +617,13 @@ def param_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optim_wrapper(
-    optimizer: torch.optim.Optimizer, device: str, amp_dtype: str | None, clip_grad: float
+def wrap_optimizer(
+    optimizer: torch.optim.Optimizer, device: str, amp_dtype: str | None, clip_grad: float | None
 ) -> OptimWrapper:
     """The update a run uses: on CUDA with ``amp_dtype`` ("float16" / "bfloat16") autocast plus mmengine's
     dynamic loss scaling (scaled backward, unscale, clip, step or skip on non-finite gradients, rescale);
     otherwise fp32 (AMP is never used on the CPU). Gradients are clipped to ``clip_grad`` (L2) either way."""
-    clip = dict(max_norm=clip_grad, norm_type=2)
+    clip = dict(max_norm=clip_grad, norm_type=2) if clip_grad is not None else None
     if device == "cuda" and amp_dtype:
         return AmpOptimWrapper(optimizer=optimizer, clip_grad=clip, dtype=amp_dtype)
     return OptimWrapper(optimizer=optimizer, clip_grad=clip)
@@ -629,39 +631,79 @@ def build_optim_wrapper(
 
 @dataclass
 class Schedule:
+    """Linear warm-up then per-iteration cosine, as timm's ``CosineLRScheduler(warmup_prefix=True)``.
+
+    ``lr(t) = warmup_lr + t * (peak_lr - warmup_lr) / warmup_iters`` for ``t < warmup_iters``, then
+    ``min_lr + 0.5 * (peak_lr - min_lr) * (1 + cos(pi * (t - warmup_iters) / (total_iters - warmup_iters)))``,
+    and ``min_lr`` from ``total_iters`` on. By default iteration ``k`` (0-based) trains with ``lr(k)``.
+    ``official_lr_lag``: the official loop steps its scheduler with the index of the iteration just done, so
+    iteration ``k >= 1`` trains with ``lr(k - 1)`` (both of the first two with ``lr(0)``); used for the
+    training-loop parity check, see docs/protocol.md.
+    """
+
     peak_lr: float
     warmup_lr: float
     min_lr: float
     warmup_iters: int
     total_iters: int
+    official_lr_lag: bool = False
+
+    def lr_at(self, iteration: int) -> float:
+        """The learning rate iteration ``iteration`` (0-based) trains with (float64, timm's order of operations)."""
+        t = max(0, iteration - 1) if self.official_lr_lag else iteration
+        w = min(self.warmup_iters, self.total_iters)
+        if t < w:
+            return self.warmup_lr + t * ((self.peak_lr - self.warmup_lr) / w)
+        u, span = t - w, self.total_iters - w
+        if u < span:
+            return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1 + math.cos(math.pi * u / span))
+        return self.min_lr
 
     def schedulers(self, optim_wrapper: OptimWrapper) -> list[Any]:
-        """Linear warm-up then per-iteration cosine, as timm's CosineLRScheduler(warmup_prefix=True)."""
-        out: list[Any] = []
-        w = min(self.warmup_iters, self.total_iters)
-        if w > 0:
-            out.append(
-                LinearLR(
-                    optim_wrapper,
-                    start_factor=self.warmup_lr / self.peak_lr,
-                    end_factor=1.0,
-                    by_epoch=False,
-                    begin=0,
-                    end=w + 1,  # mmengine reaches end_factor at step end-1; timm at step warmup_t
-                )
-            )
-        if self.total_iters > w:
-            out.append(
-                CosineAnnealingLR(
-                    optim_wrapper,
-                    T_max=self.total_iters - w,
-                    eta_min=self.min_lr,
-                    by_epoch=False,
-                    begin=w,
-                    end=self.total_iters,
-                )
-            )
-        return out
+        return [WarmupCosineLR(optim_wrapper, self)]
+
+
+class WarmupCosineLR(LRSchedulerMixin, _ParamScheduler):
+    """mmengine scheduler setting every group's rate to ``Schedule.lr_at(step)`` after each iteration.
+
+    Stepped by mmengine's ``ParamSchedulerHook`` after every train iteration (``by_epoch=False``); its state is
+    the step counters only (plain numbers, so checkpoints stay loadable with ``weights_only=True``).
+    """
+
+    def __init__(self, optimizer: Any, schedule: Schedule) -> None:
+        self.peak_lr, self.warmup_lr, self.min_lr = schedule.peak_lr, schedule.warmup_lr, schedule.min_lr
+        self.warmup_iters, self.total_iters = schedule.warmup_iters, schedule.total_iters
+        self.official_lr_lag = schedule.official_lr_lag
+        super().__init__(optimizer, begin=0, by_epoch=False)
+
+    def _get_value(self) -> list[float]:
+        s = Schedule(
+            self.peak_lr, self.warmup_lr, self.min_lr, self.warmup_iters, self.total_iters, self.official_lr_lag
+        )
+        lr = s.lr_at(self.last_step)
+        return [lr for _ in self.optimizer.param_groups]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # only the counters: the rates follow from this run's settings (which --resume checks), and a checkpoint
+        # written before this class (two chained mmengine schedulers) carries the same counters
+        for key in ("last_step", "_global_step", "_last_value"):
+            if key in state_dict:
+                setattr(self, key, state_dict[key])
+
+
+def build_optim_wrapper(
+    net: nn.Module,
+    peak_lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    clip_grad: float | None,
+    device: str = "cpu",
+    amp_dtype: str | None = None,
+) -> OptimWrapper:
+    """The optimiser of a run: AdamW over ``param_groups``, gradients clipped to ``clip_grad`` (L2, all groups)."""
+    optimizer = torch.optim.AdamW(param_groups(net, weight_decay), lr=peak_lr, betas=betas, eps=eps)
+    return wrap_optimizer(optimizer, device, amp_dtype, clip_grad)
 
 
 # --------------------------------------------------------------------------- the run
@@ -810,8 +852,9 @@ def train(s: EngineSetup) -> EngineOutcome:
         drop_last=True,
         persistent_workers=False,  # workers must see the dataset's epoch (set per epoch for augmentation seeds)
     )
-    optimizer = torch.optim.AdamW(param_groups(s.net, s.weight_decay), lr=s.schedule.peak_lr, betas=s.betas, eps=s.eps)
-    optim_wrapper = build_optim_wrapper(optimizer, s.device, s.amp_dtype, s.clip_grad)
+    optim_wrapper = build_optim_wrapper(
+        s.net, s.schedule.peak_lr, s.weight_decay, s.betas, s.eps, s.clip_grad, s.device, s.amp_dtype
+    )
     hook = BenchmarkHook(model, ckpt_dir, s.meta, s.protocol, s.tasks, s.ckpt_interval, resume=s.resume)
     kw = _runner_common(s, model)
     with runner_device(s.device):

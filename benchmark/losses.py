@@ -1,4 +1,4 @@
-"""The multi-task loss of the protocol (protocol.md 2.5): total = sum_t w_t * L_t, w_t from TaskSpec.loss_weight.
+"""The multi-task loss of the protocol (docs/protocol.md 2.5): total = sum_t w_t * L_t, w_t from TaskSpec.loss_weight.
 
 Per task (the official ``mtl_loss_schemes.py`` semantics, re-written):
 

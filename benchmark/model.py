@@ -1,10 +1,10 @@
 """The multi-task Swin model of the protocol: timm Swin backbone + one HRNet-style decoder per task.
 
-Backbone (protocol.md 3.1 and 8): timm's ``SwinTransformer`` set up to match the official Swin bit for
+Backbone (docs/protocol.md 3.1 and 8): timm's ``SwinTransformer`` set up to match the official Swin bit for
 bit: no final norm, fused attention off, and our own stage loop so that stage ``i``'s feature is taken
 *after* the next stage's patch merging (strides 8/16/32/32, channels 2C/4C/8C/8C).
 
-Decoders (protocol.md 3.4): per task, four bias-free 1x1 convs to (18, 36, 72, 144) channels, bilinear
+Decoders (docs/protocol.md 3.4): per task, four bias-free 1x1 convs to (18, 36, 72, 144) channels, bilinear
 upsampling of scales 1-3 to scale 0, concatenation, 1x1 conv (270 -> 1080) + BatchNorm + ReLU + 1x1 conv to
 the task's outputs, then bilinear resize (align_corners=False) to the input size.
 """

@@ -1,4 +1,4 @@
-"""One parameter-accounting rule for every method (the official MTLoRA one, protocol.md 3.5).
+"""One parameter-accounting rule for every method (the official MTLoRA one, docs/protocol.md 3.5).
 
 - ``decoders``: every parameter whose name lacks "backbone" (trainable or not), as the official code;
 - ``adapter``: trainable backbone parameters added by the method (names containing one of its markers);

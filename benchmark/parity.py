@@ -7,6 +7,11 @@ maximum difference; exits non-zero if any check fails. Fixture kinds (see the fi
 - ``metrics_*.pt``                                   -> ``benchmark.metrics.parity_checks``
 - ``model_*.pt`` (+ ``model_*_grad.pt``)             -> ``benchmark.official.parity_checks``
 - ``tadformer_*.pt`` (+ ``tadformer_*_grad.pt``)     -> ``benchmark.official.parity_checks`` (TADFormer)
+- ``train_*.pt`` (+ the model fixture it names)       -> ``benchmark.official_train.parity_checks``
+
+Without DIR, every fixture set of the repository is run: each sub-folder of ``tests/fixtures/`` (lean copies of
+the official files made by ``python -m benchmark.lean_fixtures``; see tests/fixtures/README.md). Full official
+files are accepted too.
 """
 
 from __future__ import annotations
@@ -37,9 +42,13 @@ CHECKERS: dict[str, tuple[str, str]] = {
     "metrics": ("benchmark.metrics", "metrics_*.pt"),
     "model": ("benchmark.official", "model_*.pt"),
     "tadformer": ("benchmark.official", "tadformer_*.pt"),  # same checks; the fixture config selects the method
+    "train": ("benchmark.official_train", "train_*.pt"),
 }
 # kinds whose ``*_grad.pt`` files are gradient companions, run with their model fixture
 WITH_GRAD_COMPANIONS = ("model", "tadformer")
+
+# the repository's fixture sets: one sub-folder each
+FIXTURES_ROOT = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
 class ParityUsageError(ValueError):
@@ -66,6 +75,25 @@ def discover(directory: str | Path, only: str | None = None) -> list[tuple[str, 
         )
         raise ParityUsageError(f"no {what} in {directory}")
     return found
+
+
+def discover_sets(root: Path, only: str | None = None) -> list[tuple[str, Path]]:
+    """(kind, path) of every fixture in every sub-folder of ``root``; a folder with no known kind is left out."""
+    if not root.is_dir():
+        raise ParityUsageError(f"no fixture sets: {root} does not exist (run from a checkout of the repository)")
+    found: list[tuple[str, Path]] = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            found += discover(sub, only)
+        except ParityUsageError:
+            continue
+    if not found:
+        raise ParityUsageError(f"no fixtures in any sub-folder of {root}")
+    return found
+
+
+def _shown(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}"
 
 
 def _error(path: Path, detail: str) -> list[Check]:
@@ -110,12 +138,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(dataset_*.pt, metrics_*.pt, model_*.pt, tadformer_*.pt)."
         ),
     )
-    parser.add_argument("dir", help="folder holding the fixtures (e.g. ../shared/fixtures/official_parity)")
+    parser.add_argument(
+        "dir",
+        nargs="?",
+        help="folder holding the fixtures (default: every fixture set under the repository's tests/fixtures/)",
+    )
     parser.add_argument("--only", choices=sorted(CHECKERS), help="run one kind of fixture only")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text lines")
     args = parser.parse_args(argv)
     try:
-        fixtures = discover(args.dir, args.only)
+        if args.dir is not None:
+            fixtures = discover(args.dir, args.only)
+        else:
+            fixtures = discover_sets(FIXTURES_ROOT, args.only)
     except ParityUsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -123,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[tuple[str, Path, Check]] = []
     for kind, path in fixtures:
         if not args.json:
-            print(f"== {path.name} ({kind})", flush=True)
+            print(f"== {_shown(path)} ({kind})", flush=True)
         for c in run_fixture(kind, path):
             rows.append((kind, path, c))
             if not args.json:
@@ -134,12 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_pass = len(rows) - n_fail
     if args.json:
         doc = {
-            "dir": str(Path(args.dir)),
+            "dir": str(Path(args.dir)) if args.dir is not None else str(FIXTURES_ROOT),
             "passed": n_pass,
             "failed": n_fail,
             "checks": [
                 {
                     "fixture": path.name,
+                    "set": path.parent.name,
                     "kind": kind,
                     **asdict(c),
                     "max_diff": c.max_diff if math.isfinite(c.max_diff) else None,  # JSON has no inf / nan

@@ -83,7 +83,7 @@ AMP_DTYPES = (None, "bfloat16", "float16")
 ANCHORS = ("reference", "full_ft")
 INTERNAL = ("reference", "peft_lora_reference")
 TASK_NAMES = tuple(TASK_SPECS)  # semseg, human_parts, sal, normals
-CLIP_GRAD = 5.0  # protocol.md 2.4
+CLIP_GRAD = 5.0  # docs/protocol.md 2.4
 WEIGHT_DECAY = 0.05
 
 

@@ -6,7 +6,7 @@ schedule, optimiser, loss weights. Methods never override it; a change is a new 
 Changelog
 ---------
 pascal-context v1: the MTLoRA (CVPR 2024) protocol as the official code runs it (see
-    ../shared/protocol.md): Swin-T, 448x448, batch 32, 300 epochs, AdamW with peak LR
+    docs/protocol.md): Swin-T, 448x448, batch 32, 300 epochs, AdamW with peak LR
     5e-4 * 32 / 512, 20 warm-up epochs, per-iteration cosine, loss weights 1/2/5/10.
 """
 
@@ -47,7 +47,7 @@ class Protocol:
     epochs: int
     batch_size: int
     reference: str  # key of REFERENCES: the single-task row Δm is measured against
-    # optimisation, as the official code runs it (protocol.md 2.4)
+    # optimisation, as the official code runs it (docs/protocol.md 2.4)
     base_lr: float = 5e-4
     warmup_lr: float = 5e-7
     min_lr: float = 5e-6
@@ -64,7 +64,7 @@ class Protocol:
     head_channels: int = 1080
     train_split: str = "train"
     val_split: str = "val"
-    # train augmentation (protocol.md 2.2)
+    # train augmentation (docs/protocol.md 2.2)
     flip_prob: float = 0.5
     rotation: tuple[float, float] = (-20.0, 20.0)
     scale: tuple[float, float] = (0.75, 1.25)

@@ -1,4 +1,4 @@
-"""Train and val transforms of the PASCAL-Context multi-task protocol (protocol.md 2.2, 2.3).
+"""Train and val transforms of the PASCAL-Context multi-task protocol (docs/protocol.md 2.2, 2.3).
 
 A raw sample is a dict of NumPy arrays as ``benchmark.dataset.PascalMT.load_raw`` returns them: ``image`` float64
 [H, W, 3] (0..255), ``semseg``/``human_parts``/``sal`` uint8 [H, W], ``normals`` float64 [H, W, 3] (unit vectors,

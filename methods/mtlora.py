@@ -1,6 +1,6 @@
 """MTLoRA (Agiza, Neseem, Reda, CVPR 2024): shared plus task-specific low-rank updates on a frozen Swin.
 
-What it changes in the model (the official code after commit bf26b4b, protocol.md 3.2-3.3 and 8.8):
+What it changes in the model (the official code after commit bf26b4b, docs/protocol.md 3.2-3.3 and 8.8):
 
 - every ``attn.qkv``, ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` of every block gets a task-agnostic
   (shared) LoRA: ``y = W x + b + s * B A drop(x)``, with a constant scale ``s`` (4.0, *not* alpha / r)

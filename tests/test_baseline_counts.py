@@ -1,6 +1,6 @@
 """Trainable-parameter counts at the paper config (Swin-T, 448, four PASCAL-Context tasks), built on the meta device.
 
-The exact integers are the official code's measured counts (shared/protocol.md 3.6); the closed forms are that
+The exact integers are the official code's measured counts (docs/protocol.md 3.6); the closed forms are that
 section's arithmetic. Meta tensors have shapes but no storage, so building four Swin-T copies costs nothing.
 
 The Table 1 baselines (MTLoRA Table 1, copied from Polyhistor) are asserted twice: exactly, under this harness's
@@ -21,7 +21,7 @@ from leaderboard.data import load_fragments, load_published
 from methods import METHODS
 from methods.base import apply_overrides
 
-DECODERS = 1_946_624  # protocol.md 3.4: total of the four task decoders
+DECODERS = 1_946_624  # docs/protocol.md 3.4: total of the four task decoders
 SWIN_T_BACKBONE = 27_517_818  # 29,464,442 - 1,946,624
 N_TASKS = 4
 SWIN_T = SWIN_VARIANTS["swin_tiny"]
@@ -63,7 +63,7 @@ def test_single_task() -> None:
 
 @pytest.mark.parametrize("rank", [16, 4])
 def test_lora_matches_the_closed_form(rank: int) -> None:
-    # protocol.md 3.6: qkv 4rC + proj 2rC + fc1 5rC + fc2 5rC = 16rC per block, sum over blocks d_s C_s = 4416
+    # docs/protocol.md 3.6: qkv 4rC + proj 2rC + fc1 5rC + fc2 5rC = 16rC per block, sum over blocks d_s C_s = 4416
     c = _counts("lora", f"rank={rank}")
     assert c["adapter"] == 70_656 * rank
     assert c["trainable"] == 70_656 * rank + DECODERS and c["other_trainable_backbone"] == 0

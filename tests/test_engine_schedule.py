@@ -1,6 +1,8 @@
-"""The optimiser and LR schedule equal the official ones (timm's CosineLRScheduler, protocol.md 2.4)."""
+"""The optimiser and LR schedule equal the official ones (timm's CosineLRScheduler, docs/protocol.md 2.4)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -78,3 +80,42 @@ def test_epoch_sampler_sees_each_sample_once_across_ranks(monkeypatch):
     assert shards[0] == order[0::2] and shards[1] == order[1::2]
     single.set_epoch(6)
     assert list(single) != order + list(single)[16:]
+
+
+def test_scheduler_state_is_counters_only_and_resumes_older_checkpoints():
+    """The scheduler's state is plain numbers (weights_only checkpoints); a resumed run continues the same rates,
+    also from a checkpoint written by the two chained mmengine schedulers used before."""
+    from mmengine.optim import LinearLR
+
+    sched = make_schedule(PASCAL_CONTEXT, 32, iters_per_epoch=5, epochs=6, warmup_epochs=2)
+
+    def fresh():
+        w = torch.nn.Parameter(torch.zeros(1))
+        wrapper = OptimWrapper(optimizer=torch.optim.AdamW([w], lr=sched.peak_lr))
+        return wrapper, sched.schedulers(wrapper)
+
+    wrapper, (s,) = fresh()
+    for _ in range(7):
+        s.step()
+    state = s.state_dict()
+    assert all(isinstance(v, (int, float, bool, str, list, type(None))) for v in state.values()), state
+    wrapper2, (s2,) = fresh()
+    s2.load_state_dict(state)
+    s.step(), s2.step()
+    assert wrapper2.optimizer.param_groups[0]["lr"] == wrapper.optimizer.param_groups[0]["lr"] == sched.lr_at(8)
+    old_wrapper = OptimWrapper(optimizer=torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=sched.peak_lr))
+    old = LinearLR(old_wrapper, start_factor=0.1, by_epoch=False, begin=0, end=11)
+    for _ in range(7):
+        old.step()
+    wrapper3, (s3,) = fresh()
+    s3.load_state_dict(old.state_dict())
+    s3.step()
+    assert wrapper3.optimizer.param_groups[0]["lr"] == sched.lr_at(8)
+
+
+def test_official_lr_lag_repeats_the_first_rate():
+    sched = make_schedule(PASCAL_CONTEXT, 32, iters_per_epoch=3, epochs=4, warmup_epochs=1)
+    lagged = replace(sched, official_lr_lag=True)
+    assert lagged.lr_at(0) == lagged.lr_at(1) == sched.lr_at(0) == sched.warmup_lr
+    assert [lagged.lr_at(k) for k in range(1, 12)] == [sched.lr_at(k) for k in range(0, 11)]
+    assert sched.lr_at(3) == sched.peak_lr and sched.lr_at(12) == sched.min_lr

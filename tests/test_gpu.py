@@ -104,7 +104,7 @@ class CpuAmpWrapper(OptimWrapper):
 
 def amp_wrapper(optimizer: torch.optim.Optimizer, device: str, dtype: str) -> OptimWrapper:
     if device == "cuda":
-        wrapper = engine.build_optim_wrapper(optimizer, device, dtype, PASCAL_CONTEXT.clip_grad)  # what a run uses
+        wrapper = engine.wrap_optimizer(optimizer, device, dtype, PASCAL_CONTEXT.clip_grad)  # what a run uses
         assert type(wrapper).__name__ == "AmpOptimWrapper"
         return wrapper
     return CpuAmpWrapper(optimizer, dict(max_norm=PASCAL_CONTEXT.clip_grad, norm_type=2), dtype)

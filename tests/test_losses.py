@@ -1,4 +1,4 @@
-"""The protocol's multi-task loss (protocol.md 2.5), against direct re-statements of the official formulas."""
+"""The protocol's multi-task loss (docs/protocol.md 2.5), against direct re-statements of the official formulas."""
 
 from __future__ import annotations
 

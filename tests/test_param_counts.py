@@ -1,6 +1,6 @@
 """Parameter counts at the paper configuration must equal the official code's exactly.
 
-Expected values: the counts the official code prints (published_results.md, protocol.md 3.6); they are the
+Expected values: the counts the official code prints (leaderboard/published/expected_params.csv, docs/protocol.md 3.6); they are the
 specification. Swin-T, 448 px, tasks semseg 21 / human_parts 7 / sal 1 / normals 3. Models are built on the
 meta device (no memory, no init time); one configuration is also built for real to show that counting on
 the meta device is faithful.
@@ -65,6 +65,6 @@ def test_full_fine_tuning_count() -> None:
 
 
 def test_counts_do_not_depend_on_image_size_or_meta_device() -> None:
-    """protocol.md 3.6: 224 gives the same counts as 448; a real (CPU) model counts like the meta one."""
+    """docs/protocol.md 3.6: 224 gives the same counts as 448; a real (CPU) model counts like the meta one."""
     want = _counts("mtlora", shared_rank=(16,) * 4)
     assert _counts("mtlora", device="cpu", img_size=224, shared_rank=(16,) * 4) == want

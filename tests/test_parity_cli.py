@@ -1,4 +1,4 @@
-"""``python -m benchmark.parity``: dispatch, exit codes and output, on the shared fixture, on perturbed copies and
+"""``python -m benchmark.parity``: dispatch, exit codes and output, on the repository's fixtures, on perturbed copies and
 on a fixture-format file built here from seeded random data with expected values from plain numpy."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _summary(out: str) -> tuple[int, int]:
     return int(passed), int(failed)
 
 
-# ---------------------------------------------------------------- the shared fixture
+# ---------------------------------------------------------------- the repository's fixtures
 
 
 def test_cli_passes_on_the_shared_metrics_fixture(fixture_dir):
@@ -107,6 +107,26 @@ def test_delta_m_uses_the_fixture_references(fixture_dir, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- dispatch, errors, JSON
+
+
+def test_without_a_folder_every_fixture_set_of_the_repository_runs(tmp_path, monkeypatch, capsys, fixture_dir):
+    found = parity.discover_sets(parity.FIXTURES_ROOT)
+    kinds = {(p.parent.name, k) for k, p in found}
+    assert {("official_parity", k) for k in ("dataset", "metrics", "model", "train")} <= kinds
+    assert parity.FIXTURES_ROOT / "official_parity" == fixture_dir
+    # each sub-folder is one set; a folder without fixtures of a known kind is not one
+    root = tmp_path / "fixtures"
+    (root / "a").mkdir(parents=True)
+    (root / "notes").mkdir()
+    (root / "notes" / "README.md").write_text("x")
+    torch.save(torch.load(fixture_dir / "metrics_public.pt", weights_only=True), root / "a" / "metrics_public.pt")
+    monkeypatch.setattr(parity, "FIXTURES_ROOT", root)
+    assert parity.main([]) == 0
+    out = capsys.readouterr().out
+    assert "== a/metrics_public.pt (metrics)" in out and "notes" not in out
+    monkeypatch.setattr(parity, "FIXTURES_ROOT", tmp_path / "none")
+    assert parity.main([]) == 2
+    assert "no fixture sets" in capsys.readouterr().err
 
 
 def test_empty_or_missing_folder_is_a_usage_error(tmp_path, capsys):
@@ -320,3 +340,45 @@ def test_random_fixture_passes_and_its_perturbation_fails(tmp_path, capsys):
     fails = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL")]
     assert len(fails) == 1 and "metrics_random/human_parts/per_class_IoU" in fails[0]
     assert math.isclose(float(fails[0].split("max_diff=")[1].split()[0]), 1e-4, rel_tol=1e-2)
+
+
+# ---------------------------------------------------------------- the lean form and the training fixture's companion
+
+
+def test_lean_fixtures_cli_writes_the_lean_form_and_refuses_bad_input(tmp_path, capsys):
+    from benchmark import lean_fixtures
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    heads = {"sal": torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))}
+    full = {t: F.interpolate(h, size=32, mode="bilinear", align_corners=False) for t, h in heads.items()}
+    torch.save({"config": {}, "outputs": full, "head_outputs_before_resize": heads}, src / "model_a.pt")
+    torch.save({"x": 1}, src / "metrics_a.pt")
+    (src / "tiny").mkdir()
+    (src / "tiny" / "f.txt").write_text("data")
+    assert lean_fixtures.main([str(src), str(dst), "--stride", "8"]) == 0
+    lean = torch.load(dst / "model_a.pt", weights_only=True)
+    assert "outputs" not in lean and lean["outputs_lean"]["shape"]["sal"] == [2, 1, 32, 32]
+    assert torch.equal(lean["outputs_lean"]["subsample"]["sal"], full["sal"][:, :, ::8, ::8])
+    assert torch.load(dst / "metrics_a.pt", weights_only=True) == {"x": 1}
+    assert (dst / "tiny" / "f.txt").read_text() == "data"
+    # bad input: exit 2, one message naming the problem, nothing written
+    assert lean_fixtures.main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "fixture folder not found" in capsys.readouterr().err
+    assert lean_fixtures.main([str(src), str(tmp_path / "out"), "--stride", "0"]) == 2
+    assert "--stride must be >= 1" in capsys.readouterr().err
+    torch.save({"config": {}, "outputs": {"sal": full["sal"] + 0.1}, "head_outputs_before_resize": heads},
+               src / "model_b.pt")  # fmt: skip
+    assert lean_fixtures.main([str(src), str(tmp_path / "out")]) == 2
+    assert "model_b.pt: outputs['sal'] is not the bilinear resize" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_train_fixture_must_name_a_model_file_beside_it(tmp_path, capsys):
+    torch.save({"format_version": 1, "uses_state_dict_of": "../model_public.pt"}, tmp_path / "train_x.pt")
+    assert parity.main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  train_x" in out and "uses_state_dict_of must name a model fixture file beside it" in out
+    torch.save({"format_version": 1, "uses_state_dict_of": "model_none.pt"}, tmp_path / "train_x.pt")
+    assert parity.main([str(tmp_path)]) == 1
+    assert "its model fixture" in capsys.readouterr().out

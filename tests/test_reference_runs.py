@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from benchmark.reference_runs import compare, golden_entry, load_golden, run_reference
+from benchmark.reference_runs import RUN_K, compare, golden_entry, load_golden, run_reference
 from methods import METHODS
 
 
@@ -41,3 +41,20 @@ def test_compare_reports_a_moved_metric_and_a_changed_count():
     assert compare("full_ft", golden, {**result, "params": {"trainable": golden["trainable"]},
                                        "metrics": golden["metrics"]}) == []  # fmt: skip
     assert golden_entry({**result, "method": {"config": {}}})["trainable"] == golden["trainable"] + 1
+
+
+def test_bounds_are_the_recorded_spread_across_kernels_and_threads():
+    golden = load_golden()
+    entry = golden["methods"]["full_ft"]
+    assert "ATEN_CPU_CAPABILITY" in golden["noise_model"]
+    assert {"native/1", "default/1", "default/2", "avx2/1"} <= set(entry["spread_settings"])
+    result = {"method": {"config": entry["config"]}, "params": {"trainable": entry["trainable"]},
+              "metrics": copy.deepcopy(entry["metrics"])}  # fmt: skip
+    spread = entry["spread"]["sal"]["mIoU"]
+    result["metrics"]["sal"]["mIoU"] = entry["metrics"]["sal"]["mIoU"] + RUN_K * spread * 0.99
+    assert compare("full_ft", entry, result) == []
+    result["metrics"]["sal"]["mIoU"] = entry["metrics"]["sal"]["mIoU"] + RUN_K * spread * 1.01 + 1e-12
+    assert any("sal/mIoU moved" in p and "spread" in p for p in compare("full_ft", entry, result))
+    # an entry made before spreads were measured cannot be checked: it asks to be regenerated
+    old = {k: v for k, v in entry.items() if k not in ("spread", "spread_settings")}
+    assert any("--update full_ft" in p for p in compare("full_ft", old, result))

@@ -1,4 +1,4 @@
-"""Transforms of protocol.md 2.2 / 2.3 on small hand-made arrays."""
+"""Transforms of docs/protocol.md 2.2 / 2.3 on small hand-made arrays."""
 
 from __future__ import annotations
 

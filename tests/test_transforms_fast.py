@@ -1,6 +1,6 @@
 """The optimised transforms give bitwise the same tensors as a plain reference implementation.
 
-``_ref_*`` below is the straightforward implementation of protocol.md 2.2 / 2.3 as it was before the transforms were
+``_ref_*`` below is the straightforward implementation of docs/protocol.md 2.2 / 2.3 as it was before the transforms were
 optimised (one OpenCV call per entry on HWC arrays, NumPy arithmetic step by step). It is the specification: every
 output of ``build_transforms(...)`` and of the public step functions must equal it exactly (values, dtype, shape).
 """
