@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="override the image size (a run off the protocol is marked debug)")
     p.add_argument("--select", choices=["final", "best"], default="final", help="which validation is reported")
     p.add_argument("--resume", action="store_true", help="continue from the last good checkpoint in the work dir")
+    p.add_argument(
+        "--take-over-work-dir",
+        action="store_true",
+        help="use a --work-dir that holds another run's files (or this run's, without --resume): they are first "
+        "moved into <work-dir>/replaced/<run id>-<time>/, never deleted",
+    )
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint without training")
     p.add_argument("--checkpoint", type=Path, help="checkpoint to evaluate (this harness's or the official code's)")
     p.add_argument("--dry-run", action="store_true", help="build the model, print the parameter breakdown, exit")
@@ -450,12 +456,27 @@ def _prepare_data(args, settings, work_dir: Path, rank: int) -> Path:
     return root
 
 
+def _make_work_dir(work_dir: Path) -> None:
+    if work_dir.exists() and not work_dir.is_dir():
+        raise UsageError(f"--work-dir {work_dir}: exists and is not a folder; expected a folder (or a new path)")
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--work-dir {work_dir}: a part of this path is a file; expected a folder path") from None
+    except OSError as e:
+        raise UsageError(f"--work-dir {work_dir}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(work_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"--work-dir {work_dir}: the folder is not writable")
+
+
 def _remove_stale_temp_files(*folders: Path) -> None:
-    """Temp files of writes that a kill interrupted; the files they were replacing are intact."""
+    """Temp files of writes that a kill interrupted (this harness's own temp names, for its own files only);
+    the files they were replacing are intact."""
     from benchmark.results import stale_temp_files
+    from benchmark.workdir import HARNESS_FILES
 
     for folder in folders:
-        for tmp in stale_temp_files(folder):
+        for tmp in stale_temp_files(folder, HARNESS_FILES):
             tmp.unlink(missing_ok=True)
             print(f"removed {tmp}, left by an interrupted write", file=sys.stderr)
 
@@ -470,7 +491,7 @@ def _barrier() -> None:
 def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_dir, device, rank, world) -> int:
     from mmengine.runner import set_random_seed
 
-    from benchmark import engine
+    from benchmark import engine, workdir
     from benchmark.dataset import PascalMT, build_transforms, collate
     from benchmark.losses import MultiTaskLoss
     from benchmark.metrics import build_meters
@@ -479,8 +500,19 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
 
     tasks = protocol.task_names
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    run_id = make_run_id(protocol.name, protocol.version, spec.name, method_cfg.to_dict(), [seed])
+    _make_work_dir(work_dir)
+    compare = {"backbone": settings.backbone, "image_size": settings.image_size, "epochs": settings.epochs,
+               "batch_size": settings.batch_size}  # fmt: skip
     if rank == 0:
+        workdir.acquire_lock(work_dir)  # held until this process exits
+    if args.resume and workdir.owner(work_dir) == run_id and workdir.finished_result(work_dir) is not None:
+        workdir.claim(work_dir, run_id, resume=True, take_over=False, settings=compare)  # other settings: refused
+        print(f"run_benchmark: {work_dir / 'result.json'} records this run as finished; left untouched "
+              "(use --take-over-work-dir without --resume to run it again)")  # fmt: skip
+        return 0
+    if rank == 0:
+        workdir.claim(work_dir, run_id, resume=args.resume, take_over=args.take_over_work_dir, settings=compare)
         _remove_stale_temp_files(work_dir, work_dir / "checkpoints")
     data_root = _prepare_data(args, settings, work_dir, rank)
     workers = settings.workers if args.workers is None else args.workers
@@ -499,7 +531,6 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
     loss_fn = MultiTaskLoss(protocol.tasks)
     meters = build_meters(tasks)
     per_proc_batch = settings.batch_size // world
-    run_id = make_run_id(protocol.name, protocol.version, spec.name, method_cfg.to_dict(), [seed])
     meta = {
         "run_id": run_id,
         "method": spec.name,
@@ -647,9 +678,15 @@ def _load_for_eval(net: Any, path: Path, spec: Any) -> None:
             raise engine.CheckpointError(f"{path}: checkpoint of method {ckpt.get('method')!r}, not {spec.name!r}")
         engine.load_model_state(net, ckpt, str(path))
         return
-    from benchmark.official import load_official_state_dict
+    from benchmark.official import load_official_state_dict, refuse_incomplete, required_state_keys
 
-    report = load_official_state_dict(net, ckpt.get("model", ckpt))
+    if not isinstance(ckpt.get("model", ckpt), dict) or not ckpt.get("model", ckpt):
+        raise engine.CheckpointError(f"{path}: holds no weights (expected {{'model': state_dict}} or a state dict)")
+    report = load_official_state_dict(net, ckpt.get("model", ckpt), source=str(path))
+    # evaluating a partly filled model would table a random one: every trained weight and buffer must be given
+    refuse_incomplete(
+        str(path), required_state_keys(net) - set(report.loaded), "trained parameter(s) or buffer(s) are"
+    )
     print(f"official checkpoint {path}: {report}", file=sys.stderr)
 
 

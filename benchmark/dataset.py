@@ -728,7 +728,9 @@ def parity_checks(fixture_path: str | os.PathLike[str], image_tol: float = 1e-5)
     before the transforms, the meta size, the has-person flag; plus the id order and the normals' valid class set.
     """
     fixture_path = Path(fixture_path)
-    fx = torch.load(fixture_path, weights_only=True)
+    from benchmark.safeload import safe_load
+
+    fx = safe_load(fixture_path, "dataset fixture")
     stem = fixture_path.stem
     checks: list[Check] = []
     root = _fixture_dataset_dir(fixture_path, fx)
