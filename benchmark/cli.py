@@ -311,12 +311,55 @@ def _strip_worker_traceback(msg: str) -> str:
     return msg
 
 
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes 0 .. 2**32 - 1; torch and random accept all of these
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Every flag against its real range, and flags that contradict each other: before anything is built or
+    any folder created."""
+    import math
+
+    for flag, value, low in (
+        ("--epochs", args.epochs, 1),
+        ("--image-size", args.image_size, 1),
+        ("--workers", args.workers, 0),
+        ("--slurm-time-min", args.slurm_time_min, 1),
+        ("--slurm-cpus-per-job", args.slurm_cpus_per_job, 1),
+        ("--slurm-mem-gb", args.slurm_mem_gb, 1),
+    ):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} {value}: expected a whole number, {low} or more")
+    bad = [s for s in args.seed if not 0 <= s <= SEED_MAX]
+    if bad:
+        raise UsageError(f"--seed {bad[0]}: expected a whole number from 0 to {SEED_MAX} (what the generators take)")
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise UsageError(f"--dist-timeout {args.dist_timeout}: expected a positive, finite number of seconds")
+    conflicts = (
+        (args.eval_only and args.resume, "--eval-only and --resume: evaluation does not continue a training run"),
+        (args.dry_run and args.eval_only, "--dry-run and --eval-only: --dry-run only builds the model; give one"),
+        (args.dry_run and args.resume, "--dry-run and --resume: --dry-run only builds the model; give one"),
+        (
+            args.checkpoint is not None and not args.eval_only,
+            "--checkpoint is only read with --eval-only (training starts from --pretrained; continue a run with "
+            "--resume)",
+        ),
+        (
+            args.take_over_work_dir and args.resume,
+            "--take-over-work-dir and --resume: taking a folder over starts afresh; --resume continues its run",
+        ),
+    )
+    for hit, message in conflicts:
+        if hit:
+            raise UsageError(message)
+
+
 def _main(args: argparse.Namespace) -> int:
     if args.list:
         _print_list(args.json)
         return 0
     if not args.method:
         raise UsageError("--method is required (see --list)")
+    validate_args(args)
 
     from benchmark import sweep
     from benchmark.presets import PRESETS, resolve
@@ -328,7 +371,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}")
     settings = resolve(protocol, PRESETS[args.preset], args.epochs, args.image_size)
-    grid = sweep.expand_grid(args.method, args.set, args.seed, protocol)
+    stage_dims = _model_config(settings, protocol).backbone.stage_dims  # fails here on a bad --image-size
+    grid = sweep.expand_grid(args.method, args.set, args.seed, protocol, stage_dims)
     if args.pretrained is not None and not args.pretrained.is_file():
         raise FileNotFoundError(f"--pretrained {args.pretrained}: file not found")
     if args.dry_run:
@@ -582,7 +626,7 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
     t_start = time.time()
     failed = None
     if args.eval_only:
-        _load_for_eval(net, args.checkpoint, spec)
+        _load_for_eval(net, args.checkpoint, spec, meta)
         rule = {"rule": "checkpoint", "epoch": None, "iteration": None, "checkpoint": str(args.checkpoint)}
         outcome = engine.evaluate(setup)
         entry = outcome.history[-1]
@@ -665,7 +709,7 @@ def _select(history: list[dict[str, Any]], rule: str) -> tuple[dict[str, Any], d
     return last, {"rule": "final", "epoch": last["epoch"], "iteration": last["iteration"]}
 
 
-def _load_for_eval(net: Any, path: Path, spec: Any) -> None:
+def _load_for_eval(net: Any, path: Path, spec: Any, meta: dict[str, Any] | None = None) -> None:
     from benchmark import engine
     from benchmark.official import load_checkpoint_file
 
@@ -676,6 +720,15 @@ def _load_for_eval(net: Any, path: Path, spec: Any) -> None:
     if engine.is_own_checkpoint(ckpt):
         if ckpt.get("method") not in (None, spec.name):
             raise engine.CheckpointError(f"{path}: checkpoint of method {ckpt.get('method')!r}, not {spec.name!r}")
+        # settings that change the model: named before the weights are compared (a 64 px checkpoint at 128 px
+        # would otherwise be blamed on the frozen weights)
+        flags = {"image_size": "--image-size", "backbone": "--preset", "method_config": "--set"}
+        for key, flag in flags.items():
+            if meta and key in ckpt and key in meta and ckpt[key] != meta[key]:
+                raise engine.CheckpointError(
+                    f"{path}: trained with {key.replace('_', ' ')} {ckpt[key]!r}, this evaluation uses "
+                    f"{meta[key]!r}; evaluate with the settings it was trained with ({flag})"
+                )
         engine.load_model_state(net, ckpt, str(path))
         return
     from benchmark.official import load_official_state_dict, refuse_incomplete, required_state_keys
