@@ -22,6 +22,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -152,13 +153,15 @@ def _open_decompressed(archive: Path) -> Any:
 def verify_archive(
     archive: Path, max_members: int = MAX_MEMBERS, max_total_bytes: int = MAX_TOTAL_BYTES
 ) -> tuple[int, int]:
-    """Read the whole archive once before anything is extracted: every compressed byte (so the gzip / bzip2 / xz
-    checksums are verified at the end of the stream), every tar header (their checksums) and member, within
-    ``max_members`` members and ``max_total_bytes`` of contents. Returns (members, bytes); FetchError otherwise."""
+    """Read the whole archive once before anything is extracted: every compressed byte to the end of the stream
+    (so the gzip / bzip2 / xz checksums are verified), every tar header (their checksums), within
+    ``max_members`` members and ``max_total_bytes`` of contents; after the last member only the zero blocks that
+    end a tar may follow (tarfile stops quietly at a damaged header: the bytes after it are not zero). Returns
+    (members, bytes); FetchError otherwise."""
     members = total = 0
     try:
         with _open_decompressed(archive) as stream:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
+            with tarfile.open(fileobj=stream, mode="r:") as tar:  # reads forward only: one decompression pass
                 for m in tar:
                     members += 1
                     total += max(m.size, 0)
@@ -171,15 +174,19 @@ def verify_archive(
                             f"{archive}: contents exceed {max_total_bytes:,} bytes; refusing (a tar bomb?), "
                             "nothing extracted"
                         )
-                    if m.isfile():
-                        data = tar.extractfile(m)
-                        while data is not None and data.read(_CHUNK):
-                            pass
-            while stream.read(_CHUNK):  # the rest of the stream, up to the compression trailer and its checksum
-                pass
+                end = tar.offset
+            stream.seek(end)
+            while chunk := stream.read(_CHUNK):  # to the compression trailer, whose checksum is verified
+                if chunk.strip(b"\0"):
+                    raise FetchError(
+                        f"{archive}: damaged tar structure after member {members} (byte {end} of the contents is "
+                        "not a valid header); nothing was extracted. The file was set aside; run fetch again to "
+                        "download it anew"
+                    )
+                end += len(chunk)
     except FetchError:
         raise
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
         raise FetchError(
             f"{archive}: damaged archive ({type(e).__name__}: {e}); nothing was extracted. The file was set aside; "
             "run fetch again to download it anew"

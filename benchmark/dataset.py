@@ -195,6 +195,8 @@ def _open_image(path: Path, what: str) -> Image.Image:
             if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
                 raise _too_large(path, what, img.size)
             img.load()  # decode now, so that a truncated file fails here, naming the file
+    except DatasetError:
+        raise
     except Image.DecompressionBombError as e:
         raise _too_large(path, what, None) from e
     except UnidentifiedImageError as e:

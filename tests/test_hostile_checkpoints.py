@@ -228,4 +228,6 @@ def test_pretrained_file_leaving_backbone_weights_unset_is_refused(tmp_path, cap
     torch.save(sd, path)
     code, err = _run(capsys, "--method", "full_ft", "--preset", "tiny", "--dry-run", "--pretrained", str(path))
     assert code == 2, err
-    assert f"--pretrained {path}: 1 Swin backbone weight(s) are missing from the file: layers.1.blocks.0.mlp.fc1" in err
+    assert (
+        f"--pretrained {path}: 1 Swin backbone weight(s) are missing from the file: layers.1.blocks.0.mlp.fc1" in err
+    )
