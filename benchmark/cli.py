@@ -505,7 +505,7 @@ def _make_work_dir(work_dir: Path) -> None:
         raise UsageError(f"--work-dir {work_dir}: exists and is not a folder; expected a folder (or a new path)")
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
+    except (FileExistsError, NotADirectoryError):
         raise UsageError(f"--work-dir {work_dir}: a part of this path is a file; expected a folder path") from None
     except OSError as e:
         raise UsageError(f"--work-dir {work_dir}: cannot create the folder ({e.strerror or e})") from None
