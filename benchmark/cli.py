@@ -371,8 +371,9 @@ def _main(args: argparse.Namespace) -> int:
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}")
     settings = resolve(protocol, PRESETS[args.preset], args.epochs, args.image_size)
-    stage_dims = _model_config(settings, protocol).backbone.stage_dims  # fails here on a bad --image-size
-    grid = sweep.expand_grid(args.method, args.set, args.seed, protocol, stage_dims)
+    grid = sweep.expand_grid(
+        args.method, args.set, args.seed, protocol, layer_widths(_model_config(settings, protocol))
+    )
     if args.pretrained is not None and not args.pretrained.is_file():
         raise FileNotFoundError(f"--pretrained {args.pretrained}: file not found")
     if args.dry_run:
@@ -417,6 +418,12 @@ def _model_config(settings: Any, protocol: Any) -> Any:
         decoder_channels=protocol.decoder_channels,
         head_channels=protocol.head_channels,
     )
+
+
+def layer_widths(model_cfg: Any) -> list[int]:
+    """Per Swin stage, the widest in/out dimension of its linear layers (the MLP's hidden width)."""
+    swin = model_cfg.backbone
+    return [int(d * swin.mlp_ratio) for d in swin.stage_dims]
 
 
 def _dry_run_all(args: argparse.Namespace, configs: list[Any], settings: Any, protocol: Any) -> int:
@@ -556,7 +563,8 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
               "(use --take-over-work-dir without --resume to run it again)")  # fmt: skip
         return 0
     if rank == 0:
-        workdir.claim(work_dir, run_id, resume=args.resume, take_over=args.take_over_work_dir, settings=compare)
+        workdir.claim(work_dir, run_id, resume=args.resume, take_over=args.take_over_work_dir, settings=compare,
+                      evaluating=args.eval_only)  # fmt: skip
         _remove_stale_temp_files(work_dir, work_dir / "checkpoints")
     data_root = _prepare_data(args, settings, work_dir, rank)
     workers = settings.workers if args.workers is None else args.workers

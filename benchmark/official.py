@@ -254,8 +254,8 @@ def load_pretrained_backbone(backbone: nn.Module, path: str | Path) -> LoadRepor
     if not mapped:
         raise CheckpointError(f"{path}: no key matches a Swin backbone (first keys: {list(sd)[:3]})")
     # every backbone weight must come from the file: only the classifier / final norm (absent from this
-    # backbone) and the recomputed structural buffers may be left out
-    unset = {k for k in own if k not in mapped and k.rsplit(".", 1)[-1] not in _DROP}
+    # backbone), the recomputed structural buffers and LoRA weights of an already adapted backbone may be left out
+    unset = {k for k in own if k not in mapped and k.rsplit(".", 1)[-1] not in _DROP and ".lora_" not in k}
     refuse_incomplete(f"--pretrained {path}", unset, "Swin backbone weight(s) are")
     swin.load_state_dict(mapped, strict=False)
     report.loaded = sorted(mapped)

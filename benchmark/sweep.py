@@ -113,16 +113,18 @@ def _numbers(value: Any) -> list[tuple[int | None, Any]]:
     return []
 
 
-def config_range_error(config: dict[str, Any], stage_dims: Sequence[int] | None = None) -> str | None:
+def config_range_error(config: dict[str, Any], layer_widths: Sequence[int] | None = None) -> str | None:
     """The first config value out of its real range, as a message naming the field; None when all fit.
 
-    Every number is finite; a dropout is in [0, 1); a rank (``*rank*``, ``r``) is 0 or more and at most the
-    width of the layers it adapts (the stage's width for a per-stage tuple, else the widest stage): a larger
-    one adds no expressiveness and only allocates; a ``reduction`` is 1 or more; ``num_prompts`` 0 or more.
+    ``layer_widths``: per stage, the widest in/out dimension of the backbone's linear layers (the MLP's hidden
+    width). Every number is finite; a dropout is in [0, 1); a rank (``*rank*``, ``r``) is 0 or more and at most
+    the width of the layers it can adapt (its stage's for a per-stage tuple, else the widest stage's): a larger
+    one exceeds every width of those layers and only allocates; a ``reduction`` is 1 or more; ``num_prompts``
+    0 or more.
     """
     import math
 
-    dims = list(stage_dims or [])
+    dims = list(layer_widths or [])
     for name, value in config.items():
         low = name.lower()
         per_stage = isinstance(value, (list, tuple)) and len(value) == len(dims)
@@ -135,7 +137,7 @@ def config_range_error(config: dict[str, Any], stage_dims: Sequence[int] | None 
             if (low == "r" or "rank" in low) and isinstance(v, int):
                 bound = dims[i] if per_stage and i is not None else max(dims, default=v)
                 if not 0 <= v <= bound:
-                    return f"{where}: rank {v} is outside 0 .. {bound} (the width of the layers it adapts)"
+                    return f"{where}: rank {v} is outside 0 .. {bound} (the widest layer it can adapt)"
             if low == "reduction" and v < 1:
                 return f"{where}: expected 1 or more, got {v}"
             if low == "num_prompts" and v < 0:
@@ -148,11 +150,11 @@ def expand_grid(
     sets: Sequence[str],
     seeds: Sequence[int],
     protocol: Any,
-    stage_dims: Sequence[int] | None = None,
+    layer_widths: Sequence[int] | None = None,
 ) -> list[GridPoint]:
     """All jobs of the grid in a stable order (method, config, seed); duplicates removed. Every config is
     built and validated here (its method's rules, then every field's range: ``config_range_error`` against the
-    backbone's ``stage_dims``), so a bad value fails before anything runs."""
+    backbone's ``layer_widths``), so a bad value fails before anything runs."""
     import difflib
 
     from methods import METHODS
@@ -182,7 +184,7 @@ def expand_grid(
             cfg = apply_overrides(spec.default_config(), overrides)
             try:
                 cfg.validate(protocol.task_names)
-                problem = config_range_error(cfg.to_dict(), stage_dims)
+                problem = config_range_error(cfg.to_dict(), layer_widths)
                 if problem and len(specs) == 1 and len(combos) == 1:
                     problem = f"--set {' '.join(overrides) or '(defaults)'}: {problem}"
                 if problem:

@@ -144,7 +144,13 @@ def move_aside(work_dir: Path, run_id: str | None) -> Path | None:
 
 
 def claim(
-    work_dir: Path, run_id: str, *, resume: bool, take_over: bool, settings: dict[str, Any] | None = None
+    work_dir: Path,
+    run_id: str,
+    *,
+    resume: bool,
+    take_over: bool,
+    settings: dict[str, Any] | None = None,
+    evaluating: bool = False,
 ) -> str:
     """Make ``work_dir`` this run's folder (the lock must be held). Returns 'new', 'resume', 'replaced' or
     'finished' (``--resume`` of a finished run with the same settings: nothing is to be done)."""
@@ -160,6 +166,11 @@ def claim(
             )
         state = "replaced"
     elif current is not None and not resume:
+        if not take_over and evaluating:
+            raise WorkDirError(
+                f"--work-dir {work_dir}: already holds this run's files ({', '.join(_names(work_dir))}); an "
+                "evaluation writes its own result.json: give it another --work-dir (or add --take-over-work-dir)"
+            )
         if not take_over:
             raise WorkDirError(
                 f"--work-dir {work_dir}: already holds this run's files ({', '.join(_names(work_dir))}). Add "

@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 from mmengine.runner import set_random_seed
 
 from benchmark import engine
-from benchmark.cli import SEED_MAX, _model_config, build_net, main
+from benchmark.cli import SEED_MAX, _model_config, build_net, layer_widths, main
 from benchmark.presets import PRESETS, resolve
 from benchmark.protocol import PASCAL_CONTEXT
 from benchmark.sweep import SweepError, config_range_error, expand_grid, split_alternatives
 from methods import METHODS
 
-TINY_DIMS = _model_config(resolve(PASCAL_CONTEXT, PRESETS["tiny"]), PASCAL_CONTEXT).backbone.stage_dims
+TINY_DIMS = layer_widths(_model_config(resolve(PASCAL_CONTEXT, PRESETS["tiny"]), PASCAL_CONTEXT))
 
 
 def _cli(capsys, *args: str) -> tuple[int, str]:

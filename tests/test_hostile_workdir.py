@@ -112,6 +112,13 @@ def test_a_rerun_without_resume_does_not_overwrite_a_finished_run(finished, tmp_
     code, err = _cli(capsys, "--method", "lora", *TINY, "--work-dir", str(wd))
     assert code == 2 and "already holds this run's files (result.json). Add --resume" in err
     assert (wd / "result.json").read_bytes() == before
+    # an evaluation into the training run's folder (the default --work-dir of both) is told where to write
+    ckpt = finished / "checkpoints" / "epoch_1.pth"
+    code, err = _cli(
+        capsys, "--method", "lora", *TINY, "--work-dir", str(wd), "--eval-only", "--checkpoint", str(ckpt)
+    )
+    assert code == 2 and "an evaluation writes its own result.json: give it another --work-dir" in err
+    assert (wd / "result.json").read_bytes() == before
 
 
 def test_resume_of_a_finished_run_leaves_it_untouched(finished, capsys):
