@@ -8,7 +8,9 @@ Every checkpoint, pretrained file and fixture is read here. ``torch.load(weights
 - tensors and parameters (``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter``, without backward
   hooks), storages (handled by torch's own loader), ``collections.OrderedDict``, ``set`` / ``frozenset``;
 - ``yacs.config.CfgNode``, read as :class:`OfficialConfig`: a plain dict of its items; its pickled attributes
-  (immutability flags) are dropped.
+  (immutability flags) are dropped;
+- numeric numpy scalars (``numpy.dtype`` of kinds b/i/u/f/c, ``numpy.core.multiarray.scalar`` and the
+  ``_codecs.encode(..., 'latin1')`` that protocol 2 uses for their bytes).
 
 Anything else (another global, a callable outside this list, ``__setstate__`` of another class, an object
 built by ``INST`` / ``OBJ``) stops the read with a :class:`CheckpointError` naming it; nothing in the file is
@@ -23,6 +25,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -56,6 +59,30 @@ def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any) -> torch.nn.Pa
     return torch.nn.Parameter(data, requires_grad=bool(requires_grad))
 
 
+_NUMERIC_KINDS = "biufc"  # bool, int, unsigned, float, complex: numpy scalars of these are plain numbers
+
+
+def _np_dtype(name: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    dtype = np.dtype(name) if isinstance(name, str) and len(name) <= 8 else None
+    if dtype is None or dtype.kind not in _NUMERIC_KINDS:
+        raise _Refused(f"a numpy dtype {name!r}")
+    return dtype
+
+
+def _np_scalar(dtype: Any, data: Any = None) -> Any:
+    if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMERIC_KINDS or not isinstance(data, bytes):
+        raise _Refused("a numpy scalar that is not a number")
+    if len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError(f"a numpy {dtype} scalar of {len(data)} bytes")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+def _latin1(text: Any, encoding: Any = "latin1") -> bytes:  # how protocol 2 stores bytes (a numpy scalar's)
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _Refused("a call of _codecs.encode")
+    return text.encode("latin1")
+
+
 _GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
@@ -65,8 +92,13 @@ _GLOBALS: dict[tuple[str, str], Any] = {
     ("__builtin__", "set"): set,  # protocol 2 writes Python 3's builtins under their Python 2 module name
     ("__builtin__", "frozenset"): frozenset,
     ("yacs.config", "CfgNode"): OfficialConfig,
+    # numeric numpy scalars (e.g. a best accuracy kept as numpy.float64), read as numbers
+    ("numpy", "dtype"): _np_dtype,
+    ("numpy.core.multiarray", "scalar"): _np_scalar,
+    ("numpy._core.multiarray", "scalar"): _np_scalar,
+    ("_codecs", "encode"): _latin1,
 }
-_CALLABLE = {_rebuild_tensor, _rebuild_parameter, OrderedDict, set, frozenset}
+_CALLABLE = {_rebuild_tensor, _rebuild_parameter, OrderedDict, set, frozenset, _np_dtype, _np_scalar, _latin1}
 _CLASSES = {OfficialConfig, OrderedDict}  # may be created by NEWOBJ and get BUILD (whose state is dropped)
 
 
@@ -98,7 +130,11 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the Python implementation: its
         self.append(cls.__new__(cls))
 
     def _build(self) -> None:
-        self.stack.pop()  # the state: dropped
+        state = self.stack.pop()  # dropped, but for a numpy dtype's byte order
+        if isinstance(self.stack[-1], np.dtype):
+            if isinstance(state, tuple) and len(state) > 1 and state[1] == ">":
+                self.stack[-1] = self.stack[-1].newbyteorder(">")
+            return
         if type(self.stack[-1]) not in _CLASSES:
             raise _Refused(f"the state of a {type(self.stack[-1]).__name__}")
 

@@ -7,6 +7,7 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mmengine.runner import set_random_seed
@@ -121,6 +122,20 @@ def test_harmful_gradient_companion_runs_nothing(tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_numpy_objects_other_than_numbers_are_refused(tmp_path):
+    marker = tmp_path / "PWNED_np"
+    for obj, refused in (
+        (np.array([1, 2]), "numpy"),  # arrays are rebuilt by numpy's own reconstructor: not on the list
+        (np.dtype("O"), "a numpy dtype 'O8'"),
+        ({"x": _Payload(marker)}, "posix.mkdir"),
+    ):
+        path = _write({"v": obj}, tmp_path / "n.pth", "zip")
+        with pytest.raises(CheckpointError, match="which is not allowed") as e:
+            safe_load(path)
+        assert f"it holds {refused}" in str(e.value)
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
@@ -161,8 +176,13 @@ def test_official_checkpoint_with_its_config_is_read_as_plain_data(tmp_path, fmt
     net = _tiny_net()
     sd = net.state_dict()  # an OrderedDict with _metadata, as the official code saves it
     cfg = CfgNode({"MODEL": CfgNode({"TYPE": "swin", "DEPTHS": [2, 2, 6, 2]}), "TAGS": {"a", "b"}})
-    path = _write({"model": sd, "config": cfg, "epoch": 299, "optimizer": {"state": {}}}, tmp_path / "c.pth", fmt)
+    extra = {"max_accuracy": np.float64(0.75), "best_epoch": np.int64(7), "big": np.dtype(">f4").type(1.5)}
+    path = _write(
+        {"model": sd, "config": cfg, "epoch": 299, "optimizer": {"state": {}}, **extra}, tmp_path / "c.pth", fmt
+    )
     got = safe_load(path)
+    for k, v in extra.items():
+        assert got[k] == v and got[k].dtype == v.dtype, k
     assert type(got["config"]) is OfficialConfig and type(got["config"]["MODEL"]) is OfficialConfig
     assert got["config"]["MODEL"]["DEPTHS"] == [2, 2, 6, 2] and got["config"]["TAGS"] == {"a", "b"}
     assert not got["config"].__dict__  # the CfgNode's flags are dropped: inert data only
