@@ -447,6 +447,12 @@ def _single(args: argparse.Namespace, spec: Any, method_cfg: Any, settings: Any,
         raise UsageError("--eval-only needs --checkpoint FILE")
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: file not found")
+    # read before any folder is made: an unreadable or refused file leaves nothing behind
+    from benchmark.official import load_checkpoint_file
+
+    if args.pretrained is not None:
+        load_checkpoint_file(args.pretrained)
+    args.checkpoint_data = None if args.checkpoint is None else load_checkpoint_file(args.checkpoint)
     if args.data is not None and not args.data.is_dir():
         raise FileNotFoundError(f"--data {args.data}: dataset folder not found")
     if args.data is None and not settings.synthetic_train:
@@ -634,7 +640,7 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
     t_start = time.time()
     failed = None
     if args.eval_only:
-        _load_for_eval(net, args.checkpoint, spec, meta)
+        _load_for_eval(net, args.checkpoint, spec, meta, getattr(args, "checkpoint_data", None))
         rule = {"rule": "checkpoint", "epoch": None, "iteration": None, "checkpoint": str(args.checkpoint)}
         outcome = engine.evaluate(setup)
         entry = outcome.history[-1]
@@ -717,12 +723,12 @@ def _select(history: list[dict[str, Any]], rule: str) -> tuple[dict[str, Any], d
     return last, {"rule": "final", "epoch": last["epoch"], "iteration": last["iteration"]}
 
 
-def _load_for_eval(net: Any, path: Path, spec: Any, meta: dict[str, Any] | None = None) -> None:
+def _load_for_eval(net: Any, path: Path, spec: Any, meta: dict[str, Any] | None = None, data: Any = None) -> None:
     from benchmark import engine
     from benchmark.official import load_checkpoint_file
 
-    # weights-only first; official checkpoints also pickle their yacs config, read with inert stand-ins
-    ckpt = load_checkpoint_file(path)
+    # weights-only first; official checkpoints also pickle their yacs config, read as plain data (safeload)
+    ckpt = load_checkpoint_file(path) if data is None else data  # data: the file already read by _single
     if not isinstance(ckpt, dict):
         raise engine.CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     if engine.is_own_checkpoint(ckpt):

@@ -85,17 +85,18 @@ def harness_files(work_dir: Path) -> list[Path]:
 
 
 def owner(work_dir: Path) -> str | None:
-    """The run id whose files ``work_dir`` holds; None for a folder without run files."""
+    """The run id whose files ``work_dir`` holds; None for a folder without run files (a marker alone, left by
+    a run refused before it wrote anything, does not make a folder another run's)."""
     work_dir = Path(work_dir)
+    files = harness_files(work_dir)
+    if not files:
+        return None
     try:
         data = json.loads((work_dir / OWNER_NAME).read_text())
         if isinstance(data, dict) and isinstance(data.get("run_id"), str):
             return data["run_id"]
     except (OSError, ValueError):
         pass
-    files = harness_files(work_dir)
-    if not files:
-        return None
     if files[0].name == RESULT_NAME:
         try:
             return json.loads(files[0].read_text()).get("run_id") or "unknown"

@@ -148,6 +148,16 @@ def test_only_the_harness_own_temp_files_are_cleaned(tmp_path, capsys):
     assert not ours.exists() and f"removed {ours}, left by an interrupted write" in err
 
 
+def test_a_folder_with_only_a_refused_runs_marker_is_free(tmp_path, capsys):
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / workdir.OWNER_NAME).write_text(json.dumps({"run_id": _run_id("full_ft")}))  # it wrote nothing else
+    assert workdir.owner(wd) is None
+    code, err = _cli(capsys, "--method", "lora", *TINY, "--work-dir", str(wd))
+    assert code == 0, err
+    assert json.loads((wd / workdir.OWNER_NAME).read_text())["run_id"] == _run_id("lora")
+
+
 @pytest.mark.parametrize("kind", ["file", "under_a_file", "unwritable"])
 def test_work_dir_that_cannot_be_a_folder(tmp_path, capsys, kind):
     if kind == "file":
