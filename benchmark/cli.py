@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="override the image size (a run off the protocol is marked debug)")
     p.add_argument("--select", choices=["final", "best"], default="final", help="which validation is reported")
     p.add_argument("--resume", action="store_true", help="continue from the last good checkpoint in the work dir")
+    p.add_argument(
+        "--take-over-work-dir",
+        action="store_true",
+        help="use a --work-dir that holds another run's files (or this run's, without --resume): they are first "
+        "moved into <work-dir>/replaced/<run id>-<time>/, never deleted",
+    )
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint without training")
     p.add_argument("--checkpoint", type=Path, help="checkpoint to evaluate (this harness's or the official code's)")
     p.add_argument("--dry-run", action="store_true", help="build the model, print the parameter breakdown, exit")
@@ -311,12 +317,55 @@ def _strip_worker_traceback(msg: str) -> str:
     return msg
 
 
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes 0 .. 2**32 - 1; torch and random accept all of these
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Every flag against its real range, and flags that contradict each other: before anything is built or
+    any folder created."""
+    import math
+
+    for flag, value, low in (
+        ("--epochs", args.epochs, 1),
+        ("--image-size", args.image_size, 1),
+        ("--workers", args.workers, 0),
+        ("--slurm-time-min", args.slurm_time_min, 1),
+        ("--slurm-cpus-per-job", args.slurm_cpus_per_job, 1),
+        ("--slurm-mem-gb", args.slurm_mem_gb, 1),
+    ):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} {value}: expected a whole number, {low} or more")
+    bad = [s for s in args.seed if not 0 <= s <= SEED_MAX]
+    if bad:
+        raise UsageError(f"--seed {bad[0]}: expected a whole number from 0 to {SEED_MAX} (what the generators take)")
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise UsageError(f"--dist-timeout {args.dist_timeout}: expected a positive, finite number of seconds")
+    conflicts = (
+        (args.eval_only and args.resume, "--eval-only and --resume: evaluation does not continue a training run"),
+        (args.dry_run and args.eval_only, "--dry-run and --eval-only: --dry-run only builds the model; give one"),
+        (args.dry_run and args.resume, "--dry-run and --resume: --dry-run only builds the model; give one"),
+        (
+            args.checkpoint is not None and not args.eval_only,
+            "--checkpoint is only read with --eval-only (training starts from --pretrained; continue a run with "
+            "--resume)",
+        ),
+        (
+            args.take_over_work_dir and args.resume,
+            "--take-over-work-dir and --resume: taking a folder over starts afresh; --resume continues its run",
+        ),
+    )
+    for hit, message in conflicts:
+        if hit:
+            raise UsageError(message)
+
+
 def _main(args: argparse.Namespace) -> int:
     if args.list:
         _print_list(args.json)
         return 0
     if not args.method:
         raise UsageError("--method is required (see --list)")
+    validate_args(args)
 
     from benchmark import sweep
     from benchmark.presets import PRESETS, resolve
@@ -328,7 +377,9 @@ def _main(args: argparse.Namespace) -> int:
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}")
     settings = resolve(protocol, PRESETS[args.preset], args.epochs, args.image_size)
-    grid = sweep.expand_grid(args.method, args.set, args.seed, protocol)
+    grid = sweep.expand_grid(
+        args.method, args.set, args.seed, protocol, layer_widths(_model_config(settings, protocol))
+    )
     if args.pretrained is not None and not args.pretrained.is_file():
         raise FileNotFoundError(f"--pretrained {args.pretrained}: file not found")
     if args.dry_run:
@@ -375,6 +426,12 @@ def _model_config(settings: Any, protocol: Any) -> Any:
     )
 
 
+def layer_widths(model_cfg: Any) -> list[int]:
+    """Per Swin stage, the widest in/out dimension of its linear layers (the MLP's hidden width)."""
+    swin = model_cfg.backbone
+    return [int(d * swin.mlp_ratio) for d in swin.stage_dims]
+
+
 def _dry_run_all(args: argparse.Namespace, configs: list[Any], settings: Any, protocol: Any) -> int:
     from methods import METHODS
     from methods.base import apply_overrides
@@ -396,6 +453,12 @@ def _single(args: argparse.Namespace, spec: Any, method_cfg: Any, settings: Any,
         raise UsageError("--eval-only needs --checkpoint FILE")
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: file not found")
+    # read before any folder is made: an unreadable or refused file leaves nothing behind
+    from benchmark.official import load_checkpoint_file
+
+    if args.pretrained is not None:
+        load_checkpoint_file(args.pretrained)
+    args.checkpoint_data = None if args.checkpoint is None else load_checkpoint_file(args.checkpoint)
     if args.data is not None and not args.data.is_dir():
         raise FileNotFoundError(f"--data {args.data}: dataset folder not found")
     if args.data is None and not settings.synthetic_train:
@@ -456,12 +519,27 @@ def _prepare_data(args, settings, work_dir: Path, rank: int) -> Path:
     return root
 
 
+def _make_work_dir(work_dir: Path) -> None:
+    if work_dir.exists() and not work_dir.is_dir():
+        raise UsageError(f"--work-dir {work_dir}: exists and is not a folder; expected a folder (or a new path)")
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"--work-dir {work_dir}: a part of this path is a file; expected a folder path") from None
+    except OSError as e:
+        raise UsageError(f"--work-dir {work_dir}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(work_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"--work-dir {work_dir}: the folder is not writable")
+
+
 def _remove_stale_temp_files(*folders: Path) -> None:
-    """Temp files of writes that a kill interrupted; the files they were replacing are intact."""
+    """Temp files of writes that a kill interrupted (this harness's own temp names, for its own files only);
+    the files they were replacing are intact."""
     from benchmark.results import stale_temp_files
+    from benchmark.workdir import HARNESS_FILES
 
     for folder in folders:
-        for tmp in stale_temp_files(folder):
+        for tmp in stale_temp_files(folder, HARNESS_FILES):
             tmp.unlink(missing_ok=True)
             print(f"removed {tmp}, left by an interrupted write", file=sys.stderr)
 
@@ -476,7 +554,7 @@ def _barrier() -> None:
 def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_dir, device, rank, world) -> int:
     from mmengine.runner import set_random_seed
 
-    from benchmark import engine
+    from benchmark import engine, workdir
     from benchmark.dataset import PascalMT, build_transforms, collate
     from benchmark.losses import MultiTaskLoss
     from benchmark.metrics import build_meters
@@ -485,8 +563,20 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
 
     tasks = protocol.task_names
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    run_id = make_run_id(protocol.name, protocol.version, spec.name, method_cfg.to_dict(), [seed])
+    _make_work_dir(work_dir)
+    compare = {"backbone": settings.backbone, "image_size": settings.image_size, "epochs": settings.epochs,
+               "batch_size": settings.batch_size}  # fmt: skip
     if rank == 0:
+        workdir.acquire_lock(work_dir)  # held until this process exits
+    if args.resume and workdir.owner(work_dir) == run_id and workdir.finished_result(work_dir) is not None:
+        workdir.claim(work_dir, run_id, resume=True, take_over=False, settings=compare)  # other settings: refused
+        print(f"run_benchmark: {work_dir / 'result.json'} records this run as finished; left untouched "
+              "(use --take-over-work-dir without --resume to run it again)")  # fmt: skip
+        return 0
+    if rank == 0:
+        workdir.claim(work_dir, run_id, resume=args.resume, take_over=args.take_over_work_dir, settings=compare,
+                      evaluating=args.eval_only)  # fmt: skip
         _remove_stale_temp_files(work_dir, work_dir / "checkpoints")
     data_root = _prepare_data(args, settings, work_dir, rank)
     workers = settings.workers if args.workers is None else args.workers
@@ -505,7 +595,6 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
     loss_fn = MultiTaskLoss(protocol.tasks)
     meters = build_meters(tasks)
     per_proc_batch = settings.batch_size // world
-    run_id = make_run_id(protocol.name, protocol.version, spec.name, method_cfg.to_dict(), [seed])
     meta = {
         "run_id": run_id,
         "method": spec.name,
@@ -557,7 +646,7 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
     t_start = time.time()
     failed = None
     if args.eval_only:
-        _load_for_eval(net, args.checkpoint, spec)
+        _load_for_eval(net, args.checkpoint, spec, meta, getattr(args, "checkpoint_data", None))
         rule = {"rule": "checkpoint", "epoch": None, "iteration": None, "checkpoint": str(args.checkpoint)}
         outcome = engine.evaluate(setup)
         entry = outcome.history[-1]
@@ -661,22 +750,37 @@ def _select(history: list[dict[str, Any]], rule: str) -> tuple[dict[str, Any], d
     return last, {"rule": "final", "epoch": last["epoch"], "iteration": last["iteration"]}
 
 
-def _load_for_eval(net: Any, path: Path, spec: Any) -> None:
+def _load_for_eval(net: Any, path: Path, spec: Any, meta: dict[str, Any] | None = None, data: Any = None) -> None:
     from benchmark import engine
     from benchmark.official import load_checkpoint_file
 
-    # weights-only first; official checkpoints also pickle their yacs config, read with inert stand-ins
-    ckpt = load_checkpoint_file(path)
+    # weights-only first; official checkpoints also pickle their yacs config, read as plain data (safeload)
+    ckpt = load_checkpoint_file(path) if data is None else data  # data: the file already read by _single
     if not isinstance(ckpt, dict):
         raise engine.CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     if engine.is_own_checkpoint(ckpt):
         if ckpt.get("method") not in (None, spec.name):
             raise engine.CheckpointError(f"{path}: checkpoint of method {ckpt.get('method')!r}, not {spec.name!r}")
+        # settings that change the model: named before the weights are compared (a 64 px checkpoint at 128 px
+        # would otherwise be blamed on the frozen weights)
+        flags = {"image_size": "--image-size", "backbone": "--preset", "method_config": "--set"}
+        for key, flag in flags.items():
+            if meta and key in ckpt and key in meta and ckpt[key] != meta[key]:
+                raise engine.CheckpointError(
+                    f"{path}: trained with {key.replace('_', ' ')} {ckpt[key]!r}, this evaluation uses "
+                    f"{meta[key]!r}; evaluate with the settings it was trained with ({flag})"
+                )
         engine.load_model_state(net, ckpt, str(path))
         return
-    from benchmark.official import load_official_state_dict
+    from benchmark.official import load_official_state_dict, refuse_incomplete, required_state_keys
 
-    report = load_official_state_dict(net, ckpt.get("model", ckpt))
+    if not isinstance(ckpt.get("model", ckpt), dict) or not ckpt.get("model", ckpt):
+        raise engine.CheckpointError(f"{path}: holds no weights (expected {{'model': state_dict}} or a state dict)")
+    report = load_official_state_dict(net, ckpt.get("model", ckpt), source=str(path))
+    # evaluating a partly filled model would table a random one: every trained weight and buffer must be given
+    refuse_incomplete(
+        str(path), required_state_keys(net) - set(report.loaded), "trained parameter(s) or buffer(s) are"
+    )
     print(f"official checkpoint {path}: {report}", file=sys.stderr)
 
 

@@ -22,8 +22,10 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from benchmark.dataset import SPLITS, TASKS, DatasetError, check_dataset
 
@@ -126,6 +128,74 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+# Limits against tar bombs: PASCAL_MT.tgz holds about 60,000 files and 6 GB; these leave ample room.
+MAX_MEMBERS = 1_000_000
+MAX_TOTAL_BYTES = 64 * 2**30
+
+
+def _open_decompressed(archive: Path) -> Any:
+    """The archive's decompressed stream (gzip, bzip2, xz or none, told by its first bytes)."""
+    import bz2
+    import gzip
+    import lzma
+
+    with open(archive, "rb") as f:
+        head = f.read(6)
+    if head[:2] == b"\x1f\x8b":
+        return gzip.open(archive, "rb")
+    if head[:3] == b"BZh":
+        return bz2.open(archive, "rb")
+    if head == b"\xfd7zXZ\x00":
+        return lzma.open(archive, "rb")
+    return open(archive, "rb")
+
+
+def verify_archive(
+    archive: Path, max_members: int = MAX_MEMBERS, max_total_bytes: int = MAX_TOTAL_BYTES
+) -> tuple[int, int]:
+    """Read the whole archive once before anything is extracted: every compressed byte to the end of the stream
+    (so the gzip / bzip2 / xz checksums are verified), every tar header (their checksums), within
+    ``max_members`` members and ``max_total_bytes`` of contents; after the last member only the zero blocks that
+    end a tar may follow (tarfile stops quietly at a damaged header: the bytes after it are not zero). Returns
+    (members, bytes); FetchError otherwise."""
+    members = total = 0
+    try:
+        with _open_decompressed(archive) as stream:
+            with tarfile.open(fileobj=stream, mode="r:") as tar:  # reads forward only: one decompression pass
+                for m in tar:
+                    members += 1
+                    total += max(m.size, 0)
+                    if members > max_members:
+                        raise FetchError(
+                            f"{archive}: more than {max_members:,} members; refusing (a tar bomb?), nothing extracted"
+                        )
+                    if total > max_total_bytes:
+                        raise FetchError(
+                            f"{archive}: contents exceed {max_total_bytes:,} bytes; refusing (a tar bomb?), "
+                            "nothing extracted"
+                        )
+                end = tar.offset
+            stream.seek(end)
+            while chunk := stream.read(_CHUNK):  # to the compression trailer, whose checksum is verified
+                if chunk.strip(b"\0"):
+                    raise FetchError(
+                        f"{archive}: damaged tar structure after member {members} (byte {end} of the contents is "
+                        "not a valid header); nothing was extracted. The file was set aside; run fetch again to "
+                        "download it anew"
+                    )
+                end += len(chunk)
+    except FetchError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
+        raise FetchError(
+            f"{archive}: damaged archive ({type(e).__name__}: {e}); nothing was extracted. The file was set aside; "
+            "run fetch again to download it anew"
+        ) from e
+    if members == 0:
+        raise FetchError(f"{archive}: the archive is empty; expected the PASCAL_MT folder")
+    return members, total
+
+
 def _safe_members(archive: Path, tar: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], list[str]]:
     """Members to extract (plain files and folders only) and the top-level names; anything that could write
     outside the destination (absolute paths, '..', links, devices) is an error."""
@@ -173,6 +243,17 @@ def extract(archive: Path, dest: Path, log: Callable[[str], None] = print) -> li
     return targets
 
 
+SOURCE_SUFFIX = ".url"
+REJECTED_SUFFIX = ".rejected"
+
+
+def _set_aside(path: Path, log: Callable[[str], None], why: str) -> None:
+    """Rename a download that must not be reused (``<name>.rejected``, replacing an older one)."""
+    target = path.with_name(path.name + REJECTED_SUFFIX)
+    os.replace(path, target)
+    log(f"set aside {path} as {target.name}: {why}")
+
+
 def fetch(
     dest: str | os.PathLike[str],
     url: str = DEFAULT_URL,
@@ -188,19 +269,40 @@ def fetch(
         raise FetchError(f"{url}: expected an http(s) URL")
     dest.mkdir(parents=True, exist_ok=True)
     archive = dest / _archive_name(url)
+    source = archive.with_name(archive.name + SOURCE_SUFFIX)  # the URL the download (or its .part) came from
+    part = archive.with_name(archive.name + ".part")
+    recorded = source.read_text().strip() if source.is_file() else None
+    if (archive.is_file() or part.is_file()) and recorded is not None and recorded != url:
+        # a file from another URL is never reused: a corrected --url downloads anew
+        for old in (archive, part):
+            if old.is_file():
+                _set_aside(old, log, f"it came from {recorded}, not {url}")
     if archive.is_file():
         log(f"{archive} already downloaded")
     else:
         log(f"downloading {url} -> {archive}")
-        download(url, archive, log, timeout)
+        source.write_text(url + "\n")
+        try:
+            download(url, archive, log, timeout)
+        except FetchError:
+            if not part.is_file():  # nothing was received: nothing to remember the origin of
+                source.unlink(missing_ok=True)
+            raise
     digest = sha256_of(archive)
     if sha256 is None:
         log(f"sha256 {digest} (pass --sha256 to verify it next time)")
     elif digest.lower() != sha256.lower():
+        _set_aside(archive, log, "its sha256 does not match")
         raise FetchError(
             f"{archive}: sha256 {digest} does not match the expected {sha256.lower()}; nothing was extracted. "
-            "Delete the file to download it again, or check the --sha256 value"
+            "The file was set aside (never reused); check the --sha256 value and run fetch again"
         )
+    try:
+        members, total = verify_archive(archive)
+    except FetchError:
+        _set_aside(archive, log, "it failed verification")
+        raise
+    log(f"verified {archive.name}: {members} members, {total:,} bytes")
     tops = extract(archive, dest, log)
     for candidate in [*tops, dest]:
         if (candidate / "JPEGImages").is_dir():

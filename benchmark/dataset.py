@@ -145,7 +145,7 @@ def read_split(root: Path, split: str) -> list[str]:
     if not path.is_file():
         raise DatasetNotFoundError(f"{path}: split file not found (expected one image id per line)", path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of the first id
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: cannot read the split file ({e})", path, "unreadable") from e
     ids: list[str] = []
@@ -169,12 +169,36 @@ def read_split(root: Path, split: str) -> list[str]:
     return ids
 
 
+# Largest image read, in pixels: PASCAL images are at most 500 x 500 and the protocol works at 448 x 448; a header
+# claiming more (a decompression bomb, or a photo far larger than the protocol needs) is refused before decoding.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def _too_large(path: Path, what: str, size: tuple[int, int] | None) -> DatasetError:
+    dims = f"{size[0]}x{size[1]} pixels" if size else "more pixels than Pillow allows"
+    return DatasetError(
+        f"{path}: image of {dims} is above the limit of {MAX_IMAGE_PIXELS:,} pixels (4096x4096; a decompression "
+        f"bomb, or far larger than the protocol needs); expected {what}",
+        path,
+        "too_large",
+    )
+
+
 def _open_image(path: Path, what: str) -> Image.Image:
     if not path.is_file():
         raise DatasetNotFoundError(f"{path}: file not found (expected {what})", path)
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by our own limit
+            img_ctx = Image.open(path)
+        with img_ctx as img:
+            if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
+                raise _too_large(path, what, img.size)
             img.load()  # decode now, so that a truncated file fails here, naming the file
+    except DatasetError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise _too_large(path, what, None) from e
     except UnidentifiedImageError as e:
         raise DatasetError(f"{path}: not a readable image file; expected {what}", path, "unreadable") from e
     except (OSError, SyntaxError, ValueError) as e:
@@ -236,10 +260,23 @@ def _loadmat(path: Path, key: str, what: str) -> Any:
 def read_labelmap(path: Path) -> np.ndarray:
     """PASCAL-Context ``LabelMap``: integer [H, W] class ids (0 = unlabeled)."""
     arr = np.asarray(_loadmat(path, "LabelMap", _EXPECTED["labelmap"]))
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise DatasetError(
-            f"{path}: LabelMap is {arr.dtype} {list(arr.shape)}; expected a 2-D integer array", path, "structure"
+            f"{path}: LabelMap is {arr.dtype} {list(arr.shape)}; expected a 2-D array of integer class ids",
+            path,
+            "structure",
         )
+    if np.issubdtype(arr.dtype, np.floating):  # as the official loader, any numeric dtype holding whole numbers
+        bad = ~np.isfinite(arr) | (arr != np.round(arr)) | (arr < 0) | (arr > np.iinfo(np.int32).max)
+        if bad.any():
+            value = arr[bad].flat[0]
+            raise DatasetError(
+                f"{path}: LabelMap ({arr.dtype}) holds {int(bad.sum())} value(s) that are not whole class ids, "
+                f"e.g. {value!r}; expected integer class ids",
+                path,
+                "structure",
+            )
+        arr = arr.astype(np.int64)
     return arr
 
 
@@ -655,6 +692,16 @@ class CheckReport:
         return out
 
 
+def _check_normals_png(path: Path) -> None:
+    """A normals PNG that is zero everywhere encodes no normal at all (each pixel would decode to (-1, -1, -1))."""
+    if path.is_file() and not read_normals_png(path).any():
+        raise DatasetError(
+            f"{path}: every pixel is 0, so no pixel holds a normal; expected unit normals encoded as (n + 1) * 255 / 2",
+            path,
+            "all zero",
+        )
+
+
 def check_dataset(
     root: str | os.PathLike[str],
     splits: Sequence[str] = SPLITS,
@@ -667,6 +714,7 @@ def check_dataset(
     report = CheckReport(root)
     if not root.is_dir():
         raise DatasetNotFoundError(f"{root}: dataset folder not found (expected the PASCAL_MT root)", root)
+    seen: dict[str, set[str]] = {}
     for split in splits:
         try:
             ids = read_split(root, split)
@@ -674,6 +722,18 @@ def check_dataset(
             report.add(split, "split", e, SPLIT_FILE.format(split=split))
             continue
         report.counts[split] = len(ids)
+        seen[split] = set(ids)
+        for other, other_ids in seen.items():
+            both = [i for i in ids if i in other_ids] if other != split else []
+            if both:
+                path = root / SPLIT_FILE.format(split=split)
+                err = DatasetError(
+                    f"{path}: {len(both)} id(s) also listed in {other}, e.g. {both[0]}; expected disjoint splits",
+                    path,
+                    f"also in {other}",
+                )
+                for i in both:
+                    report.add(split, "split", err, i)
         for n, image_id in enumerate(ids):
             if progress is not None and n and n % 500 == 0:
                 progress(f"{split}: {n}/{len(ids)}")
@@ -684,6 +744,8 @@ def check_dataset(
                 continue
             for task in tasks:
                 try:
+                    if task == "normals":
+                        _check_normals_png(root / FILES["normals"].format(id=image_id))
                     load_label(root, task, image_id, shape)
                 except DatasetError as e:
                     report.add(split, task, e, image_id)
@@ -733,7 +795,9 @@ def parity_checks(fixture_path: str | os.PathLike[str], image_tol: float = 1e-5)
     before the transforms, the meta size, the has-person flag; plus the id order and the normals' valid class set.
     """
     fixture_path = Path(fixture_path)
-    fx = torch.load(fixture_path, weights_only=True)
+    from benchmark.safeload import safe_load
+
+    fx = safe_load(fixture_path, "dataset fixture")
     stem = fixture_path.stem
     checks: list[Check] = []
     root = _fixture_dataset_dir(fixture_path, fx)

@@ -45,9 +45,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from benchmark.metrics import per_image_blob, results_delta_m
-from benchmark.official import CheckpointError  # one error type for every checkpoint problem
 from benchmark.protocol import Protocol
 from benchmark.results import atomic_write_bytes
+from benchmark.safeload import CheckpointError, safe_load  # one error type for every checkpoint problem
 
 CKPT_FORMAT = "mtpeft-checkpoint"
 CKPT_VERSION = 1
@@ -364,18 +364,11 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint read without running anything from it (``benchmark.safeload``); a dict, or CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle error, ...
-        text = str(e).strip()
-        if "Weights only load failed" in text:  # torch's advice to unpickle anyway is wrong for a damaged file
-            detail = "not a file of plain tensors: damaged, or it holds pickled objects that are not loaded"
-        else:
-            detail = text.splitlines()[0] if text else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {detail}") from e
+    data = safe_load(path, "checkpoint")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(data).__name__}")
     return data
@@ -403,10 +396,9 @@ def load_model_state(net: nn.Module, ckpt: Mapping[str, Any], source: str) -> No
         raise CheckpointError(
             f"{source}: shape mismatch for {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         )
-    expected = {n for n, p in net.named_parameters() if p.requires_grad}
-    missing = sorted(expected - set(state))
-    if missing:
-        raise CheckpointError(f"{source}: trainable parameter(s) missing from the checkpoint, e.g. {missing[:3]}")
+    from benchmark.official import refuse_incomplete, required_state_keys
+
+    refuse_incomplete(source, required_state_keys(net) - set(state), "trained parameter(s) or buffer(s) are")
     fp = ckpt.get("frozen_fingerprint")
     if fp is not None and fp != frozen_fingerprint(net):
         raise CheckpointError(
@@ -587,7 +579,11 @@ class BenchmarkHook(Hook):
             "train_images": self.train_images,
         }
         save_checkpoint(self.ckpt_dir / f"epoch_{epoch}.pth", payload)
-        for old in list_checkpoints(self.ckpt_dir)[: -self.keep]:
+        # rotation: only this harness's names (epoch_<N>.pth, in a folder this run owns: benchmark.workdir), and
+        # only checkpoints up to this one; a later one (left by a run that a corrupt checkpoint set back) stays
+        # until this run overwrites it
+        ours = [p for p in list_checkpoints(self.ckpt_dir) if int(CKPT_PATTERN.match(p.name).group(1)) <= epoch]
+        for old in ours[: -self.keep]:
             old.unlink(missing_ok=True)
 
     def after_val_epoch(self, runner: Runner, metrics: dict[str, float] | None = None) -> None:

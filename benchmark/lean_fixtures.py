@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmark.safeload import CheckpointError, safe_load
+
 DEFAULT_STRIDE = 16
 # The stored full outputs must be the resize of the stored heads up to fp32 rounding: one bilinear
 # interpolation is a convex combination of 4 values, at most ~4 roundings of the largest magnitude
@@ -96,9 +98,9 @@ def make_lean(src: Path, dst: Path, stride: int = DEFAULT_STRIDE) -> list[str]:
                 plan.append((path, None))
             continue
         try:
-            fx = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise LeanError(f"{path}: not a fixture file readable with weights_only=True ({e})") from None
+            fx = safe_load(path, "fixture")
+        except CheckpointError as e:
+            raise LeanError(str(e)) from None
         lean = None
         if isinstance(fx, dict) and "outputs" in fx and "head_outputs_before_resize" in fx:
             lean = lean_model_fixture(fx, stride, str(path))

@@ -557,7 +557,9 @@ def parity_checks(path: str | Path) -> list[Check]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metrics fixture not found: {path}")
-    fx = torch.load(path, weights_only=True, map_location="cpu")
+    from benchmark.safeload import safe_load
+
+    fx = safe_load(path, "metrics fixture")
     stem, p = path.stem, str(path)
     logits = _field(fx, p, ["logits"])
     gts = _field(fx, p, ["meter_inputs", "gt"])

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import pickle
 import re
-import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +36,7 @@ from torch import Tensor, nn
 from benchmark.model import ModelConfig, MultiTaskModel, SwinConfig
 from benchmark.params import count_parameters
 from benchmark.parity import Check
+from benchmark.safeload import CheckpointError, safe_load
 
 # Parity tolerance (fixture README section 5): the official model in float64 vs its stored float32
 # outputs differs by up to 1.03e-5 absolute at an output scale of ~9 (1.4e-6 relative L2): a correct
@@ -58,10 +57,6 @@ REL_TOL = 1e-5
 GRAD_K = 3.0
 GLOBAL_NORM = "<global gradient norm>"
 GRAD_ABS_FLOOR = 1e-6
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model (wrong architecture, nothing matched, unreadable)."""
 
 
 @dataclass
@@ -97,53 +92,26 @@ class LoadReport:
 # --------------------------------------------------------------------------- reading checkpoint files
 
 
-class _Opaque(dict):
-    """Stand-in for any non-tensor class in a checkpoint (e.g. the official yacs config): never executed."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__()
-
-    def __setstate__(self, state: Any) -> None:
-        self["__state__"] = state
-
-
-class _StubUnpickler(pickle.Unpickler):
-    """Resolves only what torch's weights-only loader allows; every other global becomes ``_Opaque``."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = _allowed_globals()
-        key = f"{module}.{name}"
-        if key in allowed:
-            return allowed[key]
-        return _Opaque
-
-
-def _allowed_globals() -> dict[str, Any]:
-    from torch import _weights_only_unpickler
-
-    return _weights_only_unpickler._get_allowed_globals()
-
-
 def load_checkpoint_file(path: str | Path) -> Any:
-    """``torch.load`` without running code from the file.
+    """``torch.load`` without running code from the file (``benchmark.safeload``: weights-only, then the
+    allow-list of an official checkpoint, whose yacs config is read as plain data)."""
+    return safe_load(path, "checkpoint")
 
-    Tries the weights-only loader; a file that also holds other objects (official MTLoRA checkpoints
-    store their yacs config) is read again with every unknown class replaced by an inert stand-in.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    except Exception as e:  # not a torch file at all
-        raise CheckpointError(f"checkpoint {path}: cannot be read by torch.load ({e})") from None
-    stub = types.SimpleNamespace(Unpickler=_StubUnpickler, load=pickle.load, __name__="stub_pickle")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=stub)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path}: cannot be read (truncated or corrupt?): {e}") from None
+
+def required_state_keys(model: nn.Module) -> set[str]:
+    """What a checkpoint must give for evaluation: every trained parameter and every buffer in the state dict,
+    except the structural ones the model recomputes (relative position indices, attention masks)."""
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] not in _DROP}
+    return (trained | buffers) & set(model.state_dict())
+
+
+def refuse_incomplete(source: str, missing: set[str] | list[str], what: str) -> None:
+    """A CheckpointError listing what ``source`` leaves unset, when anything is."""
+    if missing:
+        names = sorted(missing)
+        shown = ", ".join(names[:8]) + (f" ... (+{len(names) - 8} more)" if len(names) > 8 else "")
+        raise CheckpointError(f"{source}: {len(names)} {what} missing from the file: {shown}")
 
 
 def _state_dict_of(obj: Any, source: str) -> dict[str, Tensor]:
@@ -212,13 +180,15 @@ def to_official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def load_official_state_dict(model: nn.Module, state_dict: Mapping[str, Any] | str | Path) -> LoadReport:
+def load_official_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Any] | str | Path, source: str | None = None
+) -> LoadReport:
     """Load an official MTLoRA (``MultiTaskSwin``) state dict, a ``{'model': ...}`` dict or such a file.
 
     Every key is mapped (see the module docstring) and shape-checked; structural buffers are dropped.
     Raises ``CheckpointError`` when shapes disagree or nothing matches (another architecture).
     """
-    source = str(state_dict) if isinstance(state_dict, (str, Path)) else "state dict"
+    source = source or (str(state_dict) if isinstance(state_dict, (str, Path)) else "state dict")
     raw = load_checkpoint_file(state_dict) if isinstance(state_dict, (str, Path)) else state_dict
     sd = _state_dict_of(raw, source)
     own = model.state_dict()
@@ -289,6 +259,10 @@ def load_pretrained_backbone(backbone: nn.Module, path: str | Path) -> LoadRepor
         )
     if not mapped:
         raise CheckpointError(f"{path}: no key matches a Swin backbone (first keys: {list(sd)[:3]})")
+    # every backbone weight must come from the file: only the classifier / final norm (absent from this
+    # backbone), the recomputed structural buffers and LoRA weights of an already adapted backbone may be left out
+    unset = {k for k in own if k not in mapped and k.rsplit(".", 1)[-1] not in _DROP and ".lora_" not in k}
+    refuse_incomplete(f"--pretrained {path}", unset, "Swin backbone weight(s) are")
     swin.load_state_dict(mapped, strict=False)
     report.loaded = sorted(mapped)
     report.missing = sorted(set(own) - set(mapped))
@@ -588,7 +562,7 @@ def _parity_checks(model_fixture_path: Path, device: torch.device) -> list[Check
     path = Path(model_fixture_path)
     if not path.is_file():
         raise FileNotFoundError(f"model fixture {path} does not exist")
-    fx = torch.load(path, map_location="cpu", weights_only=True)
+    fx = safe_load(path, "model fixture")
     for key in ("config", "state_dict", "input"):
         if key not in fx:
             raise ValueError(f"model fixture {path}: missing key {key!r}")
@@ -705,7 +679,7 @@ def _grad_checks(
     grad_path: Path, model_path: Path, fx: Mapping[str, Any], device: torch.device | None = None
 ) -> list[Check]:
     device = device or torch.device("cpu")
-    g = torch.load(grad_path, map_location="cpu", weights_only=True)
+    g = safe_load(grad_path, "gradient fixture")
     stem = grad_path.stem
     uses = g.get("uses_state_dict_and_input_of")
     if uses is not None and uses != model_path.name:

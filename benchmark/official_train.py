@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from benchmark.parity import Check
+from benchmark.safeload import safe_load
 
 K = 3.0  # times the fixture's noise floor, see the module docstring
 LR_REL_TOL = 1e-14  # fp64 closed form, same order of operations: a few roundings of 2**-53
@@ -107,12 +108,12 @@ def parity_checks(train_fixture_path: Path) -> list[Check]:
     from benchmark.protocol import PASCAL_CONTEXT
 
     path = Path(train_fixture_path)
-    fx = torch.load(path, map_location="cpu", weights_only=True)
+    fx = safe_load(path, "train fixture")
     model_path = _companion(path, fx)
     for key in ("settings", "batches", "trajectory", "param_groups", "final", "reproducibility"):
         if key not in fx:
             raise ValueError(f"train fixture {path}: missing key {key!r}")
-    model_fx = torch.load(model_path, map_location="cpu", weights_only=True)
+    model_fx = safe_load(model_path, "model fixture")
     st, stem = fx["settings"], path.stem
     if st.get("accumulation_steps", 1) != 1 or st.get("amp", False) or st.get("clip_grad") is None:
         raise ValueError(f"{path}: only accumulation_steps 1, no AMP and a clip_grad value are supported")

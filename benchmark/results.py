@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,6 +180,10 @@ def per_image_path(result_path: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name.removesuffix(".json") + PER_IMAGE_SUFFIX)
 
 
+TMP_TAG = ".mtpeft-"  # temp files are named .<target>.mtpeft-<random>.tmp: only those are ever cleaned up
+_STALE_TMP = re.compile(r"^\.(?P<target>.+)\.mtpeft-[A-Za-z0-9_]+\.tmp$")
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write JSON so that readers see the old file or the whole new one, never a part."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
@@ -192,12 +197,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to a temp file beside ``path``, fsync it, then rename it over ``path``.
 
     Readers (and a process killed at any point) see the old file or the whole new one, never a part: a kill
-    leaves at most a stale ``.<name>.*.tmp`` beside it. Any error (disk full, ...) removes the temp file and
+    leaves at most a stale ``.<name>.mtpeft-*.tmp`` beside it. Any error (disk full, ...) removes the temp file and
     re-raises with the file name attached.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             _fault_in_write(path, f, data)
@@ -217,12 +222,19 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return path
 
 
-def stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
-    """Temp files that an interrupted :func:`atomic_write_bytes` left in ``folder`` (never read by anything)."""
+def stale_temp_files(folder: str | os.PathLike[str], targets: re.Pattern[str] | None = None) -> list[Path]:
+    """Temp files that an interrupted :func:`atomic_write_bytes` left in ``folder`` (never read by anything):
+    only names of its own form (``.<target>.mtpeft-<random>.tmp``), and with ``targets`` only those whose
+    target file name matches it. Other ``*.tmp`` files are not this harness's and are left alone."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob(f".*{TMP_SUFFIX}") if p.is_file())
+    found = []
+    for p in folder.iterdir():
+        m = _STALE_TMP.match(p.name)
+        if m and p.is_file() and (targets is None or targets.fullmatch(m.group("target"))):
+            found.append(p)
+    return sorted(found)
 
 
 def _read_umask() -> int:

@@ -100,9 +100,61 @@ def parse_sets(sets: Sequence[str]) -> list[tuple[str, list[str]]]:
     return parsed
 
 
-def expand_grid(methods: Sequence[str], sets: Sequence[str], seeds: Sequence[int], protocol: Any) -> list[GridPoint]:
+def _numbers(value: Any) -> list[tuple[int | None, Any]]:
+    """The numbers in a config value, with their position in a per-stage tuple (None elsewhere)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, (int, float)):
+        return [(None, value)]
+    if isinstance(value, (list, tuple)):
+        return [(i, v) for i, item in enumerate(value) for _, v in _numbers(item)]
+    if isinstance(value, dict):
+        return [(None, v) for item in value.values() for _, v in _numbers(item)]
+    return []
+
+
+def config_range_error(config: dict[str, Any], layer_widths: Sequence[int] | None = None) -> str | None:
+    """The first config value out of its real range, as a message naming the field; None when all fit.
+
+    ``layer_widths``: per stage, the widest in/out dimension of the backbone's linear layers (the MLP's hidden
+    width). Every number is finite; a dropout is in [0, 1); a rank (``*rank*``, ``r``) is 0 or more and at most
+    the width of the layers it can adapt (its stage's for a per-stage tuple, else the widest stage's): a larger
+    one exceeds every width of those layers and only allocates; a ``reduction`` is 1 or more; ``num_prompts``
+    0 or more.
+    """
+    import math
+
+    dims = list(layer_widths or [])
+    for name, value in config.items():
+        low = name.lower()
+        per_stage = isinstance(value, (list, tuple)) and len(value) == len(dims)
+        for i, v in _numbers(value):
+            where = f"field {name!r}" + (f" (stage {i + 1})" if per_stage and i is not None else "")
+            if isinstance(v, float) and not math.isfinite(v):
+                return f"{where}: expected a finite number, got {v}"
+            if "dropout" in low and not 0 <= v < 1:
+                return f"{where}: a dropout probability is in [0, 1), got {v}"
+            if (low == "r" or "rank" in low) and isinstance(v, int):
+                bound = dims[i] if per_stage and i is not None else max(dims, default=v)
+                if not 0 <= v <= bound:
+                    return f"{where}: rank {v} is outside 0 .. {bound} (the widest layer it can adapt)"
+            if low == "reduction" and v < 1:
+                return f"{where}: expected 1 or more, got {v}"
+            if low == "num_prompts" and v < 0:
+                return f"{where}: expected 0 or more, got {v}"
+    return None
+
+
+def expand_grid(
+    methods: Sequence[str],
+    sets: Sequence[str],
+    seeds: Sequence[int],
+    protocol: Any,
+    layer_widths: Sequence[int] | None = None,
+) -> list[GridPoint]:
     """All jobs of the grid in a stable order (method, config, seed); duplicates removed. Every config is
-    built and validated here, so a bad value fails before anything runs."""
+    built and validated here (its method's rules, then every field's range: ``config_range_error`` against the
+    backbone's ``layer_widths``), so a bad value fails before anything runs."""
     import difflib
 
     from methods import METHODS
@@ -132,6 +184,11 @@ def expand_grid(methods: Sequence[str], sets: Sequence[str], seeds: Sequence[int
             cfg = apply_overrides(spec.default_config(), overrides)
             try:
                 cfg.validate(protocol.task_names)
+                problem = config_range_error(cfg.to_dict(), layer_widths)
+                if problem and len(specs) == 1 and len(combos) == 1:
+                    problem = f"--set {' '.join(overrides) or '(defaults)'}: {problem}"
+                if problem:
+                    raise ValueError(problem)
             except ValueError as e:
                 if len(specs) == 1 and len(combos) == 1:
                     raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -52,7 +51,9 @@ def test_eval_only_reads_an_official_mtlora_checkpoint(trained_mtlora, tmp_path)
     assert any(k.endswith("attn.qkv.linear.weight") for k in official)  # official key names
     # official training checkpoints also pickle their config object: not loadable with weights_only=True
     path = tmp_path / "official_ckpt.pth"
-    torch.save({"model": official, "config": argparse.Namespace(MODEL="swin"), "epoch": 299}, path)
+    from fake_yacs import CfgNode
+
+    torch.save({"model": official, "config": CfgNode({"MODEL": CfgNode({"TYPE": "swin"})}), "epoch": 299}, path)
     wd = tmp_path / "eval"
     p = cli("--method", "mtlora", "--preset", "tiny", "--eval-only", "--checkpoint", str(path),
             "--data", str(trained_mtlora / "synthetic_data"), "--work-dir", str(wd))  # fmt: skip

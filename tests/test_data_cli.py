@@ -176,7 +176,7 @@ def test_fetch_verifies_extracts_and_checks(small, server, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "OK: usable" in out
     assert (dest / "PASCAL_MT.tgz").read_bytes() == server.payload
-    assert sorted(p.name for p in dest.iterdir()) == ["PASCAL_MT", "PASCAL_MT.tgz"]
+    assert sorted(p.name for p in dest.iterdir()) == ["PASCAL_MT", "PASCAL_MT.tgz", "PASCAL_MT.tgz.url"]
     extracted = {str(p.relative_to(dest / "PASCAL_MT")) for p in (dest / "PASCAL_MT").rglob("*")}
     assert extracted == {str(p.relative_to(small)) for p in small.rglob("*")}
     # running it again downloads nothing and keeps the extraction
@@ -218,7 +218,8 @@ def test_fetch_wrong_checksum_extracts_nothing(small, server, tmp_path, capsys):
     assert main(["fetch", "--dest", str(dest), "--url", _url(server), "--sha256", "0" * 64]) == 1
     err = capsys.readouterr().err
     assert "does not match" in err and "nothing was extracted" in err and "Traceback" not in err
-    assert [p.name for p in dest.iterdir()] == ["PASCAL_MT.tgz"]
+    # the download is set aside, never reused: the next fetch downloads again
+    assert sorted(p.name for p in dest.iterdir()) == ["PASCAL_MT.tgz.rejected", "PASCAL_MT.tgz.url"]
     assert main(["fetch", "--dest", str(dest), "--url", _url(server), "--sha256", "xyz"]) == 1
     assert "64 hexadecimal digits" in capsys.readouterr().err
 
@@ -235,7 +236,7 @@ def test_fetch_refuses_paths_outside_dest(server, tmp_path, capsys):
     assert main(["fetch", "--dest", str(dest), "--url", _url(server, "evil.tgz")]) == 1
     assert "outside the destination" in capsys.readouterr().err
     assert not (tmp_path / "sub" / "evil.txt").exists() and not (dest / "PASCAL_MT").exists()
-    assert sorted(p.name for p in dest.iterdir()) == ["evil.tgz"]
+    assert sorted(p.name for p in dest.iterdir()) == ["evil.tgz", "evil.tgz.url"]
 
 
 def test_fetch_http_error(server, tmp_path, capsys):

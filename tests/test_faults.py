@@ -265,6 +265,9 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_files(reference
 
 def test_disk_full_while_writing_the_result_keeps_the_previous_result(reference, tmp_path):
     wd = copy_run(reference, tmp_path / "full_result", keep_epochs=2, keep_result=True)
+    # a result that --resume rewrites (a failed run's; a finished run's is left untouched, never rewritten)
+    data = json.loads((wd / "result.json").read_text())
+    (wd / "result.json").write_text(json.dumps({**data, "status": "failed"}))
     before = (wd / "result.json").read_bytes()
     p = run(*BASE, "--work-dir", str(wd), "--resume", fault={"MTPEFT_FAULT_ENOSPC": "result.json"})
     assert p.returncode == 1, p.stderr[-2000:]

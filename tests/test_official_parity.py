@@ -218,10 +218,6 @@ def test_official_names_round_trip(fixture: dict, plus: bool) -> None:
         torch.testing.assert_close(got[t], want[t], rtol=0, atol=0)
 
 
-class _FakeConfigNode(dict):
-    """Stands for the yacs config an official checkpoint carries next to the weights."""
-
-
 class _Exploit:
     def __init__(self, target: str) -> None:
         self.target = target
@@ -237,18 +233,19 @@ def test_loads_official_checkpoint_forms(fixture: dict, tmp_path: Path) -> None:
     assert report.complete and len(report.loaded) == len(model.state_dict())
     assert all(k.endswith(("attn_mask", "relative_position_index")) for k in report.ignored)
     assert load_official_state_dict(model, {"model": sd}).complete
-    # an official training checkpoint: weights plus config, optimizer, epoch (not loadable with weights_only)
-    side_effect = tmp_path / "must_not_exist"
-    ckpt = {
-        "model": sd,
-        "config": _FakeConfigNode(MODEL="swin"),
-        "epoch": 299,
-        "extra": _Exploit(str(side_effect)),
-    }
+    # an official training checkpoint: weights plus its yacs config (not loadable with weights_only), epoch
+    from fake_yacs import CfgNode
+
+    ckpt = {"model": sd, "config": CfgNode({"MODEL": CfgNode({"TYPE": "swin"})}), "epoch": 299}
     path = tmp_path / "ckpt_epoch_299.pth"
     torch.save(ckpt, path)
     assert load_official_state_dict(model, path).complete
-    assert not side_effect.exists()  # nothing from the pickle was executed
+    # the same with one more object outside the allow-list: refused, and nothing from the pickle was executed
+    side_effect = tmp_path / "must_not_exist"
+    torch.save({**ckpt, "extra": _Exploit(str(side_effect))}, path)
+    with pytest.raises(CheckpointError, match="it holds posix.mkdir, which is not allowed"):
+        load_official_state_dict(model, path)
+    assert not side_effect.exists()
     assert _max_rel(_outputs(model, fixture), fixture["outputs"]) <= 1e-5
 
 
