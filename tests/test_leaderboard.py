@@ -295,7 +295,16 @@ def test_param_check_with_injected_runner():
     report = CheckReport()
     check_param_counts(expected, report, runner=runner)
     assert report.ok, report.failures
-    assert len(calls) == len(expected) == 9
+    assert len(calls) == len(expected) == 15  # one dry run per row: 3 ranks x 4 LoRA methods + 3 plain ones
+    assert {e.method for e in expected} == {
+        "mtlora",
+        "mtlora_plus",
+        "tadformer",
+        "tadformer_release",
+        "full_ft",
+        "decoders_only",
+        "single_task",
+    }
     argv = next(c for c in calls if "mtlora" in c and "shared_rank=[16,16,16,16]" in c)
     assert argv[:3] == [sys.executable, "-m", "benchmark.cli"]
     assert argv[3:] == ["--method", "mtlora", "--preset", "paper", "--dry-run", "--json", "--set",
