@@ -569,10 +569,13 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
                "batch_size": settings.batch_size}  # fmt: skip
     if rank == 0:
         workdir.acquire_lock(work_dir)  # held until this process exits
-    if args.resume and workdir.owner(work_dir) == run_id and workdir.finished_result(work_dir) is not None:
+    # this very run (same run id and settings) already finished here: nothing to do, with or without --resume (a
+    # sweep is idempotent the same way); --take-over-work-dir runs it again after moving the old files aside
+    rerun = not (args.eval_only or args.take_over_work_dir)
+    if rerun and workdir.owner(work_dir) == run_id and workdir.finished_result(work_dir) is not None:
         workdir.claim(work_dir, run_id, resume=True, take_over=False, settings=compare)  # other settings: refused
         print(f"run_benchmark: {work_dir / 'result.json'} records this run as finished; left untouched "
-              "(use --take-over-work-dir without --resume to run it again)")  # fmt: skip
+              "(add --take-over-work-dir, without --resume, to run it again)")  # fmt: skip
         return 0
     if rank == 0:
         workdir.claim(work_dir, run_id, resume=args.resume, take_over=args.take_over_work_dir, settings=compare,

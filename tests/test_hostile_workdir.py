@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,8 +111,19 @@ def test_a_rerun_without_resume_does_not_overwrite_a_finished_run(finished, tmp_
         (wd / name).write_bytes((finished / name).read_bytes())
     before = (wd / "result.json").read_bytes()
     code, err = _cli(capsys, "--method", "lora", *TINY, "--work-dir", str(wd))
-    assert code == 2 and "already holds this run's files (result.json). Add --resume" in err
+    assert code == 0 and "records this run as finished; left untouched" in err  # the same run: nothing to do
     assert (wd / "result.json").read_bytes() == before
+    code, err = _cli(capsys, "--method", "lora", "--preset", "tiny", "--epochs", "2", "--work-dir", str(wd))
+    assert code == 2 and "records a finished run with other settings: epochs 1 (this run: 2)" in err
+    assert (wd / "result.json").read_bytes() == before
+    # a run of this id that did not finish (a checkpoint, no result): continuing it needs --resume
+    (wd / "result.json").unlink()
+    (wd / "checkpoints").mkdir()
+    (wd / "checkpoints" / "epoch_1.pth").write_bytes((finished / "checkpoints" / "epoch_1.pth").read_bytes())
+    code, err = _cli(capsys, "--method", "lora", *TINY, "--work-dir", str(wd))
+    assert code == 2 and "already holds this run's files" in err and "Add --resume" in err
+    (wd / "result.json").write_bytes(before)
+    shutil.rmtree(wd / "checkpoints")
     # an evaluation into the training run's folder (the default --work-dir of both) is told where to write
     ckpt = finished / "checkpoints" / "epoch_1.pth"
     code, err = _cli(
