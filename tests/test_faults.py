@@ -45,6 +45,8 @@ def comparable(path: Path) -> dict:
     data = json.loads(path.read_text())
     for key in ("cost", "notes"):
         data.pop(key)
+    for key in ("git_sha", "git_dirty"):  # the checkout may change while a test runs (provenance, not the run)
+        data["env"].pop(key, None)
     return data
 
 
