@@ -28,9 +28,9 @@ from typing import Any
 
 from benchmark.protocol import get_reference
 from leaderboard.build import Leaderboard, Section
-from leaderboard.data import PARAM_POLICIES
+from leaderboard.data import PARAM_POLICIES, UNSTATED
 from leaderboard.stats import NO_INTERVAL
-from leaderboard.tables import MISMATCH, UNVERIFIED, task_header
+from leaderboard.tables import MISMATCH, UNVERIFIED, _encoder_cell, _params_cell, task_header
 
 SITE_ASSETS = ("leaderboard.js", "leaderboard.css")
 FILTER_FIELDS = (
@@ -130,6 +130,10 @@ def _row_entry(row: dict[str, Any], section: Section, runs_by_id: dict[str, Any]
         "ci_method": ci_method,
         "delta_m_printed": _num(row["delta_m_printed"]),
         "params_m": _num(row["params_m"]),
+        # sort key of the Trainable column: the count, or as printed where the source does not state its policy
+        "params_sort": _num(row["params_m"])
+        if _num(row["params_m"]) is not None or row["params_policy"] != UNSTATED
+        else _num(row["params_printed"]),
         "params_m_max": _num(row["params_m_max"]),
         "img_s": _num(row["img_s"]),
         "mem_gib": _num(row["mem_gib"]),
@@ -141,6 +145,9 @@ def _row_entry(row: dict[str, Any], section: Section, runs_by_id: dict[str, Any]
         "init": (row["init"] or ref.init),
         "counting_policy": PARAM_POLICIES.get(row["params_policy"], str(row["params_policy"])),
         "encoder_m": _num(row["encoder_m"]),
+        # the parameter cells exactly as LEADERBOARD.md prints them (unstated-policy counts "?", foreign ones "‡")
+        "params_text": _params_cell(row),
+        "encoder_text": _encoder_cell(row),
         "verified": bool(row["verified"]),
         "flags": flags,
         "notes": row["notes"] or "",

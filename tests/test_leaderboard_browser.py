@@ -83,7 +83,8 @@ def _cell(row, key: str) -> str:
 
 
 def _num(text: str) -> float:
-    return math.nan if text == "–" else float(text.split(" ± ")[0].split("–")[0])
+    # "67.85 ± 1.91", "7.38–8.34", "6.53 ?" (a count of unstated policy), "1.60 ‡" (another policy's)
+    return math.nan if text == "–" else float(text.split(" ± ")[0].split("–")[0].split(" ")[0])
 
 
 def _plot_points(driver, plot: str) -> tuple[int, int]:

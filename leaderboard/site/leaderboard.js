@@ -25,12 +25,7 @@
     if (v === null) return "–";
     return h === null ? fmt(v, 2, sign) : fmt(v, 2, sign) + " ± " + h.toFixed(2);
   }
-  function paramsText(row) {
-    if (row.params_m === null) return "–";
-    if (row.params_m_max !== null && row.params_m_max.toFixed(2) !== row.params_m.toFixed(2))
-      return row.params_m.toFixed(2) + "–" + row.params_m_max.toFixed(2);
-    return row.params_m.toFixed(2);
-  }
+  function paramsText(row) { return row.params_text; }  // as LEADERBOARD.md prints it
 
   function columns(section) {
     var cols = [
@@ -48,14 +43,14 @@
     cols.push({ key: "delta_m_printed", header: "Δm printed", num: true,
       value: function (r) { return r.delta_m_printed; }, text: function (r) { return fmt(r.delta_m_printed, 2, true); } });
     cols.push({ key: "params_m", header: "Trainable (M) ↓", num: true,
-      value: function (r) { return r.params_m; }, text: paramsText });
+      value: function (r) { return r.params_sort; }, text: paramsText });
+    cols.push({ key: "encoder_m", header: "Encoder-side (M) ↓", num: true,
+      value: function (r) { return r.encoder_m; },
+      text: function (r) { return r.encoder_text; } });
     cols.push({ key: "n_seeds", header: "Seeds", num: true,
       value: function (r) { return r.kind === "reproduced" ? r.n_seeds : null; },
       text: function (r) { return r.kind === "reproduced" ? r.n_seeds + " (" + r.seeds + ")" : "–"; } });
     cols.push({ key: "selection", header: "Selection", value: function (r) { return r.selection; }, text: function (r) { return r.selection || "–"; } });
-    cols.push({ key: "encoder_m", header: "Encoder-side (M) ↓", num: true,
-      value: function (r) { return r.encoder_m; },
-      text: function (r) { return r.encoder_m === null ? "–" : r.encoder_m.toFixed(2); } });
     cols.push({ key: "img_s", header: "Train img/s ↑", num: true,
       value: function (r) { return r.img_s; }, text: function (r) { return fmt(r.img_s, 1); } });
     cols.push({ key: "mem_gib", header: "Peak mem (GiB) ↓", num: true,
