@@ -650,7 +650,7 @@ def fixture_loss(model: MultiTaskModel, weights: Mapping[str, Any], source: Path
     specs = [
         replace(TASKS[t], loss_weight=float(weights[t]))
         if t in TASKS
-        else TaskSpec(t, "", True, model.cfg.tasks[t], float(weights[t]), False, t)
+        else TaskSpec(t, t, "", True, model.cfg.tasks[t], float(weights[t]), False, t)
         for t in model.tasks
     ]
     return MultiTaskLoss(specs)

@@ -8,6 +8,10 @@ Changelog
 pascal-context v1: the MTLoRA (CVPR 2024) protocol as the official code runs it (see
     docs/protocol.md): Swin-T, 448x448, batch 32, 300 epochs, AdamW with peak LR
     5e-4 * 32 / 512, 20 warm-up epochs, per-iteration cosine, loss weights 1/2/5/10.
+nyud v1: the NYUDv2 multi-task setting of the MTLoRA code family (docs/protocol.md, NYUDv2 section): semseg (40
+    classes), depth and normals, Swin-T at 448x448 with the PASCAL optimisation, loss weights 1/1/10, train
+    augmentation flip plus a zoom drawn from {1.0, 1.2, 1.5} without rotation. Edge detection is left out (its
+    official evaluation needs an external boundary-matching toolbox).
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """One task of one protocol. ``kind`` names the task kind (``benchmark.tasks.TASK_KINDS``) that owns its loss,
+    post-processing, meter, label semantics and interpolation; this record holds only the protocol's numbers."""
+
     name: str  # "semseg"
+    kind: str  # task kind: "semseg", "parts", "saliency", "normals", "depth"
     metric: str  # primary metric used for Δm, e.g. "mIoU"
     higher_is_better: bool  # the direction lives here and nowhere else
     out_channels: int  # network outputs for this task
@@ -30,11 +38,16 @@ class TaskSpec:
     bounds: tuple[float, float] | None = None
 
 
-SEMSEG = TaskSpec("semseg", "mIoU", True, 21, 1.0, True, "SemSeg mIoU", (0.0, 1.0))
-HUMAN_PARTS = TaskSpec("human_parts", "mIoU", True, 7, 2.0, True, "Parts mIoU", (0.0, 1.0))
-SAL = TaskSpec("sal", "mIoU", True, 1, 5.0, True, "Sal mIoU", (0.0, 1.0))
-NORMALS = TaskSpec("normals", "mean", False, 3, 10.0, False, "Normals mean°", (0.0, 180.0))
+SEMSEG = TaskSpec("semseg", "semseg", "mIoU", True, 21, 1.0, True, "SemSeg mIoU", (0.0, 1.0))
+HUMAN_PARTS = TaskSpec("human_parts", "parts", "mIoU", True, 7, 2.0, True, "Parts mIoU", (0.0, 1.0))
+SAL = TaskSpec("sal", "saliency", "mIoU", True, 1, 5.0, True, "Sal mIoU", (0.0, 1.0))
+NORMALS = TaskSpec("normals", "normals", "mean", False, 3, 10.0, False, "Normals mean°", (0.0, 180.0))
+# PASCAL-Context's tasks (kept for the callers that predate protocols as data; new code reads protocol.tasks)
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (SEMSEG, HUMAN_PARTS, SAL, NORMALS)}
+
+NYUD_SEMSEG = TaskSpec("semseg", "semseg", "mIoU", True, 40, 1.0, True, "SemSeg mIoU", (0.0, 1.0))
+NYUD_DEPTH = TaskSpec("depth", "depth", "rmse", False, 1, 1.0, False, "Depth rmse", (0.0, float("inf")))
+NYUD_NORMALS = TaskSpec("normals", "normals", "mean", False, 3, 10.0, False, "Normals mean°", (0.0, 180.0))
 
 
 @dataclass(frozen=True)
@@ -46,7 +59,8 @@ class Protocol:
     tasks: tuple[TaskSpec, ...]
     epochs: int
     batch_size: int
-    reference: str  # key of REFERENCES: the single-task row Δm is measured against
+    reference: str  # key of REFERENCES: the single-task row Δm is measured against (the default of several)
+    dataset: str = "pascal_mt"  # the data source: key of the dataset registry (file layout, label files)
     # optimisation, as the official code runs it (docs/protocol.md 2.4)
     base_lr: float = 5e-4
     warmup_lr: float = 5e-7
@@ -66,8 +80,9 @@ class Protocol:
     val_split: str = "val"
     # train augmentation (docs/protocol.md 2.2)
     flip_prob: float = 0.5
-    rotation: tuple[float, float] = (-20.0, 20.0)
-    scale: tuple[float, float] = (0.75, 1.25)
+    rotation: tuple[float, float] = (-20.0, 20.0)  # uniform range in degrees; (0.0, 0.0): no rotation
+    scale: tuple[float, float] = (0.75, 1.25)  # uniform zoom range ...
+    scale_choices: tuple[float, ...] | None = None  # ... or, when set, a zoom drawn from these with equal odds
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -100,7 +115,21 @@ PASCAL_CONTEXT = Protocol(
     reference="mtlora-table1-single-task",
 )
 
-PROTOCOLS: dict[str, Protocol] = {PASCAL_CONTEXT.name: PASCAL_CONTEXT}
+NYUD = Protocol(
+    name="nyud",
+    version=1,
+    backbone="swin_tiny",
+    image_size=448,
+    tasks=(NYUD_SEMSEG, NYUD_DEPTH, NYUD_NORMALS),
+    epochs=300,
+    batch_size=32,
+    reference="faar-nyud-single-task",
+    dataset="nyud_mt",
+    rotation=(0.0, 0.0),
+    scale_choices=(1.0, 1.2, 1.5),
+)
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (PASCAL_CONTEXT, NYUD)}
 
 
 def get_protocol(name: str, version: int | None = None) -> Protocol:
@@ -136,6 +165,24 @@ REFERENCES: dict[str, Reference] = {
             image_size=448,
             values={"semseg": 67.21, "human_parts": 61.93, "sal": 62.35, "normals": 17.97},
             source="MTLoRA, CVPR 2024, arXiv 2403.20320, Table 1, 'Single Task' row (secondary quotes)",
+        ),
+        Reference(
+            name="faar-nyud-single-task",
+            protocol="nyud",
+            backbone="swin_tiny",
+            init="imagenet-1k",
+            image_size=448,
+            values={"semseg": 42.65, "depth": 0.60, "normals": 22.83},
+            source="FAAR, CVPR 2026, arXiv 2603.20403, Swin-T single-task NYUDv2 row (secondary quote)",
+        ),
+        Reference(
+            name="tadformer-config-nyud-single-task",
+            protocol="nyud",
+            backbone="swin_tiny",
+            init="imagenet-1k",
+            image_size=448,
+            values={"semseg": 40.65, "depth": 0.6436, "normals": 22.97},
+            source="a community TADFormer NYUDv2 configuration, Swin-T single-task references (secondary quote)",
         ),
     )
 }

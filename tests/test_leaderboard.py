@@ -403,10 +403,10 @@ def _bad_version(root):
 
 def _bad_protocol(root):
     def edit(d):
-        d["protocol"]["name"] = "nyud"
-        d["run_id"] = make_run_id("nyud", 1, "mtlora", MTLORA64, [0])
+        d["protocol"]["name"] = "cityscapes"
+        d["run_id"] = make_run_id("cityscapes", 1, "mtlora", MTLORA64, [0])
 
-    return write_run(root, edit=edit, name=make_run_id("nyud", 1, "mtlora", MTLORA64, [0])), "unknown protocol 'nyud'"
+    return write_run(root, edit=edit, name=make_run_id("cityscapes", 1, "mtlora", MTLORA64, [0])), "unknown protocol 'cityscapes'"
 
 
 def _bad_missing_metric(root):
