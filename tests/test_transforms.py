@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmark.protocol import PASCAL_CONTEXT
 from benchmark.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -47,12 +48,12 @@ def test_cast_uint8_wrap_and_clamp():
     with pytest.raises(ValueError, match="uint8_cast"):
         cast_uint8(x, "round")
     with pytest.raises(ValueError, match="uint8_cast"):
-        build_transforms(8, train=False, uint8_cast="round")
+        build_transforms(PASCAL_CONTEXT, train=False, uint8_cast="round", image_size=8)
 
 
 def test_hflip_mirrors_and_negates_normal_x():
     s = _sample()
-    f = hflip(s)
+    f = hflip(s, PASCAL_CONTEXT)
     for key in s:
         assert f[key].shape == s[key].shape
     assert np.array_equal(f["semseg"], s["semseg"][:, ::-1])
@@ -63,15 +64,15 @@ def test_hflip_mirrors_and_negates_normal_x():
 
 def test_scale_rotate_identity_and_border():
     s = _sample()
-    same = scale_rotate(s, 0.0, 1.0)
+    same = scale_rotate(s, PASCAL_CONTEXT, 0.0, 1.0)
     for key in ("semseg", "human_parts", "sal"):
         assert np.array_equal(same[key], s[key])
     # Shrinking leaves a constant-0 border: background for the label maps, a zero (ignored) normal.
-    small = scale_rotate(s, 0.0, 0.5)
+    small = scale_rotate(s, PASCAL_CONTEXT, 0.0, 0.5)
     for key in ("semseg", "sal", "human_parts"):
         assert (small[key][0] == 0).all() and (small[key][:, 0] == 0).all()
     assert (small["normals"][0] == 0).all()
-    ignored = add_ignore_regions(resize(small, 8))
+    ignored = add_ignore_regions(resize(small, PASCAL_CONTEXT, 8), PASCAL_CONTEXT)
     assert (ignored["normals"][0] == 255).all()
     assert (ignored["semseg"][0] == 0).all()
 
@@ -79,14 +80,14 @@ def test_scale_rotate_identity_and_border():
 def test_scale_rotate_rotates_normal_vectors_in_plane():
     n = np.zeros((9, 9, 3))
     n[...] = (1.0, 0.0, 0.0)
-    out = scale_rotate({"normals": n}, 90.0, 1.0)["normals"]
+    out = scale_rotate({"normals": n}, PASCAL_CONTEXT, 90.0, 1.0)["normals"]
     # (x, y) -> (x cos a + y sin a, y cos a - x sin a) with a = 90 degrees: (1, 0) -> (0, -1)
     np.testing.assert_allclose(out[4, 4], [0.0, -1.0, 0.0], atol=1e-12)
 
 
 def test_resize_renormalises_and_marks_ignore():
     s = _sample()
-    r = add_ignore_regions(resize(s, 10))
+    r = add_ignore_regions(resize(s, PASCAL_CONTEXT, 10), PASCAL_CONTEXT)
     assert r["normals"].shape == (10, 10, 3) and r["semseg"].shape == (10, 10)
     n = r["normals"]
     ignored = (n == 255).all(-1)
@@ -99,20 +100,20 @@ def test_resize_renormalises_and_marks_ignore():
 def test_all_zero_parts_become_ignore():
     s = _sample()
     s["human_parts"][:] = 0
-    out = add_ignore_regions(s)
+    out = add_ignore_regions(s, PASCAL_CONTEXT)
     assert (out["human_parts"] == 255).all()
     s2 = _sample()
-    assert add_ignore_regions(s2)["human_parts"].max() <= 6
+    assert add_ignore_regions(s2, PASCAL_CONTEXT)["human_parts"].max() <= 6
 
 
 def test_val_transform_tensors_and_normalisation():
     s = _sample()
-    t = build_transforms(8, train=False, label_dtype=torch.float64)
+    t = build_transforms(PASCAL_CONTEXT, train=False, label_dtype=torch.float64, image_size=8)
     out = t(s)
     assert out["image"].dtype == torch.float32 and out["image"].shape == (3, 8, 8)
     for key, c in (("semseg", 1), ("human_parts", 1), ("sal", 1), ("normals", 3)):
         assert out[key].shape == (c, 8, 8) and out[key].dtype == torch.float64
-    img = cast_uint8(resize({"image": s["image"]}, 8)["image"], "clamp").astype(np.float32) / 255
+    img = cast_uint8(resize({"image": s["image"]}, PASCAL_CONTEXT, 8)["image"], "clamp").astype(np.float32) / 255
     expected = (torch.from_numpy(img.transpose(2, 0, 1)) - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
         IMAGENET_STD
     )[:, None, None]
@@ -125,11 +126,11 @@ def test_val_transform_tensors_and_normalisation():
 
 def test_train_transform_seeded_per_sample():
     s = _sample(20, 28)
-    t = build_transforms(16, train=True, seed=5)
+    t = build_transforms(PASCAL_CONTEXT, train=True, seed=5, image_size=16)
     a = t(s, epoch=0, index=3)
     b = t(s, epoch=0, index=3)
     c = t(s, epoch=1, index=3)
-    d = build_transforms(16, train=True, seed=6)(s, epoch=0, index=3)
+    d = build_transforms(PASCAL_CONTEXT, train=True, seed=6, image_size=16)(s, epoch=0, index=3)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["image"], c["image"])
     assert not torch.equal(a["image"], d["image"])
