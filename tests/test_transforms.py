@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +144,68 @@ def test_train_transform_seeded_per_sample():
     valid = (a["normals"] != 255).all(0)
     torch.testing.assert_close(a["normals"][:, valid].norm(dim=0), torch.ones(int(valid.sum())), atol=1e-5, rtol=0)
     assert set(a["semseg"].unique().tolist()) <= set(range(21))
+
+
+# --------------------------------------------------------------------------- the protocol's augmentation is read
+
+
+def _draws(protocol, n=20):
+    t = build_transforms(protocol, train=True, seed=5, image_size=16)
+    return [t.draw(e, i) for e in range(n) for i in range(n)]
+
+
+def test_flip_prob_is_read_from_the_protocol():
+    never = dataclasses.replace(PASCAL_CONTEXT, flip_prob=0.0)
+    always = dataclasses.replace(PASCAL_CONTEXT, flip_prob=1.0)
+    assert not any(d.flip for d in _draws(never)) and all(d.flip for d in _draws(always))
+    s = _sample(20, 28)
+    a = build_transforms(never, train=True, seed=5, image_size=16)(s, epoch=0, index=3)
+    b = build_transforms(always, train=True, seed=5, image_size=16)(s, epoch=0, index=3)
+    assert not torch.equal(a["image"], b["image"])
+
+
+def test_rotation_and_scale_ranges_are_read_from_the_protocol():
+    p = dataclasses.replace(PASCAL_CONTEXT, rotation=(30.0, 40.0), scale=(1.5, 2.0))
+    angles, scales = [d.angle for d in _draws(p)], [d.scale for d in _draws(p)]
+    assert 30 <= min(angles) < 31 and 39 < max(angles) <= 40
+    assert 1.5 <= min(scales) < 1.55 and 1.95 < max(scales) <= 2.0
+    base = _draws(PASCAL_CONTEXT)
+    # the same uniforms, mapped into the other ranges: the flips do not move
+    assert [d.flip for d in _draws(p)] == [d.flip for d in base]
+    none = dataclasses.replace(PASCAL_CONTEXT, rotation=(0.0, 0.0))
+    assert {d.angle for d in _draws(none)} == {0.0}
+
+
+def test_scale_choices_override_the_range_with_equal_odds():
+    p = dataclasses.replace(PASCAL_CONTEXT, scale_choices=(0.5, 3.0))
+    scales = [d.scale for d in _draws(p, 30)]
+    assert set(scales) == {0.5, 3.0}
+    assert abs(scales.count(0.5) - 450) < 4.4 * (900 * 0.25) ** 0.5  # binomial(900, 1/2): 4.4 sigma
+    s = _sample(20, 28)
+    t = build_transforms(p, train=True, seed=5, image_size=16)
+    zoomed = [i for i in range(20) if t.draw(0, i).scale == 0.5]
+    out = t(s, epoch=0, index=zoomed[0])
+    assert (out["semseg"][0, 0] == 0).all()  # zoomed out by 2: the constant-0 border reaches the resized edge
+    with pytest.raises(ValueError, match="scale_choices"):
+        build_transforms(dataclasses.replace(PASCAL_CONTEXT, scale_choices=()), train=True)
+
+
+def test_mean_and_std_are_read_from_the_protocol():
+    s = _sample()
+    p = dataclasses.replace(PASCAL_CONTEXT, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    out = build_transforms(p, train=False, image_size=8)(s)
+    img = cast_uint8(resize({"image": s["image"]}, PASCAL_CONTEXT, 8)["image"], "clamp")
+    assert torch.equal(out["image"], torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 255))
+
+
+def test_image_size_defaults_to_the_protocols():
+    p = dataclasses.replace(PASCAL_CONTEXT, image_size=12)
+    assert build_transforms(p, train=False)(_sample())["semseg"].shape == (1, 12, 12)
+    assert build_transforms(p, train=False, image_size=10)(_sample())["semseg"].shape == (1, 10, 10)
+    with pytest.raises(TypeError, match="protocol"):
+        build_transforms(8, train=False)
+
+
+def test_entries_are_the_protocols_tasks():
+    with pytest.raises(KeyError, match="depth"):
+        build_transforms(PASCAL_CONTEXT, train=False, image_size=8)({**_sample(), "depth": np.ones((12, 16))})
