@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -287,3 +289,16 @@ def test_synth_cli_writes_the_nyud_layout(tmp_path, capsys):
     assert pickle.loads(pickle.dumps(build_transforms(NYUD, True))).draw(0, 1) == build_transforms(NYUD, True).draw(
         0, 1
     )
+
+
+def test_parity_cli_runs_the_nyud_dataset_set_by_default():
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmark.parity", "--only", "nyud_dataset"],
+        cwd=NYUD_FIXTURES.parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "== nyud_parity/nyud_dataset_public.pt (nyud_dataset)" in r.stdout
+    assert "PASS  nyud_dataset_public/train_example_1_img_0903/depth" in r.stdout and " 0 failed" in r.stdout
