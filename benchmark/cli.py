@@ -587,7 +587,9 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
     val_ds = PascalMT(data_root, protocol.val_split, tasks, build_transforms(protocol, False, seed, image_size=size))
     train_ds = None
     if not args.eval_only:
-        train_ds = PascalMT(data_root, protocol.train_split, tasks, build_transforms(protocol, True, seed, image_size=size))
+        train_ds = PascalMT(
+            data_root, protocol.train_split, tasks, build_transforms(protocol, True, seed, image_size=size)
+        )
 
     set_random_seed(seed)  # same initialisation of new (LoRA, decoder) weights on every rank
     net = build_net(spec, method_cfg, model_cfg, args.pretrained, args.activation_checkpointing).to(device)

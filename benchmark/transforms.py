@@ -65,7 +65,10 @@ UINT8_CASTS = ("clamp", "wrap")
 IMAGE = "image"  # the one entry that is not a task
 IMAGE_INTERPOLATION = cv2.INTER_CUBIC
 
-__all__ = ["IGNORE", "Draw", "MultiTaskTransform", "build_transforms", "cast_uint8", "entry_kinds"]
+__all__ = [
+    "IGNORE", "IMAGENET_MEAN", "IMAGENET_STD", "UINT8_CASTS", "Draw", "MultiTaskTransform", "add_ignore_regions",
+    "build_transforms", "cast_uint8", "entry_kinds", "hflip", "resize", "sample_rng", "scale_rotate", "to_tensors",
+]  # fmt: skip
 
 TaskList = Protocol | Sequence[TaskSpec]
 
