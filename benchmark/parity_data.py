@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from benchmark.dataset import DatasetNotFoundError
 from benchmark.parity import Check
@@ -192,6 +193,25 @@ def train_normals_tolerance(fx: dict[str, Any]) -> float:
     return 4.0 * max(figure, 2.0**-23)
 
 
+# the labels whose alignment the official NYUD loader prints (RESHAPE SEMSEG / RESHAPE DEPTH); normals are silent
+RESHAPE_REPORTED = ("semseg", "depth")
+
+
+def _stored_label_sizes(root: Path, image_id: str, tasks: list[str]) -> dict[str, list[int]]:
+    """[H, W] of each task's label file as stored (before any alignment)."""
+    from benchmark.nyud_data import FILES
+
+    sizes = {}
+    for t in tasks:
+        path = root / FILES[t].format(id=image_id)
+        if path.suffix == ".npy":
+            sizes[t] = list(np.load(path, mmap_mode="r", allow_pickle=False).shape[:2])
+        else:
+            with Image.open(path) as img:
+                sizes[t] = [img.height, img.width]
+    return sizes
+
+
 def nyud_parity_checks(
     fixture_path: str | os.PathLike[str], fx: dict[str, Any] | None = None, image_tol: float = IMAGE_TOL
 ) -> list[Check]:
@@ -251,15 +271,17 @@ def nyud_parity_checks(
         for key, dtype in (expected.get("raw_dtypes_in_loader") or {}).items():
             if key in ("depth", "normals") and key in raw:  # kept in the file's dtype (image, semseg: values above)
                 checks.append(_exact(f"{name}/raw/{key}_dtype", str(raw[key].dtype), str(dtype)))
-        # alignment: which labels were resized to the image, and the official RESHAPE messages among them
+        # alignment: the labels stored at another size than the image were resized to it (our warnings), and the
+        # official loader printed RESHAPE for exactly those of them it reports (semseg and depth; normals silently)
         resized = sorted(w.message.task for w in caught if isinstance(w.message, LabelResizedWarning))
-        label_hw = expected.get("label_files_hw")
-        if label_hw is not None:
-            want = sorted(tasks) if list(label_hw) != list(meta.get("im_size", [])) else []
-            checks.append(_exact(f"{name}/aligned_labels", resized, want))
+        stored = _stored_label_sizes(root, image_id, tasks)
+        want = sorted(t for t in tasks if stored[t] != list(raw["image"].shape[:2]))
+        checks.append(_exact(f"{name}/aligned_labels", resized, want))
         official = sorted(m.split()[-1].lower() for m in expected.get("loader_messages", []) if "RESHAPE" in m)
-        missing = [t for t in official if t not in resized]
-        checks.append(_exact(f"{name}/reshape_messages", missing, [], f"official RESHAPE {official}, ours {resized}"))
+        reported = sorted(t for t in want if t in RESHAPE_REPORTED)
+        checks.append(
+            _exact(f"{name}/reshape_messages", official, reported, f"official RESHAPE {official}, ours {want}")
+        )
         # the uint8 cast: clamping instead of wrapping changes exactly the pixels the fixture marks
         mask = expected.get("image_uint8_cast_out_of_range_mask")
         if mask is not None:
