@@ -221,7 +221,10 @@ def load_label(
 
 
 class NYUDMT(MultiTaskDataset):
-    """NYUDv2 multi-task split (see the module docstring for layout, decoding and alignment)."""
+    """NYUDv2 multi-task split (see the module docstring for layout, decoding and alignment).
+
+    The arguments are PascalMT's, so that ``benchmark.dataset.open_dataset`` passes the same ones to every data
+    source; ``cache_dir`` is unused (nothing is cached for this layout)."""
 
     def __init__(
         self,
@@ -229,6 +232,7 @@ class NYUDMT(MultiTaskDataset):
         split: str = "val",
         tasks: Iterable[str] = TASKS,
         transform: Any = None,
+        cache_dir: str | os.PathLike[str] | None = None,
         *,
         semseg_out_of_range: str = "error",
     ) -> None:

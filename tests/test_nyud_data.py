@@ -54,6 +54,11 @@ def test_registry_picks_the_loader_by_protocol(synth):
     ds = open_dataset(NYUD, synth, "val")
     assert isinstance(ds, NYUDMT) and ds.tasks == NYUD.task_names and len(ds) == 3
     assert dataset_ready(NYUD, synth) and not dataset_ready(PASCAL_CONTEXT, synth)
+    # the options every data source takes, and a subset of the tasks
+    sub = open_dataset(NYUD, synth, "train", None, cache_dir=synth.parent / "cache", tasks=["normals", "depth"])
+    assert sub.tasks == ("depth", "normals") and set(sub.load_raw(0)) == {"image", "depth", "normals"}
+    with pytest.raises(DatasetError, match="unknown task"):
+        open_dataset(NYUD, synth, "val", tasks=["sal"])
 
 
 def test_loader_reads_the_official_encodings(fx):
