@@ -7,6 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from benchmark.protocol import PASCAL_CONTEXT
 from benchmark.transforms import (
@@ -209,3 +211,30 @@ def test_image_size_defaults_to_the_protocols():
 def test_entries_are_the_protocols_tasks():
     with pytest.raises(KeyError, match="depth"):
         build_transforms(PASCAL_CONTEXT, train=False, image_size=8)({**_sample(), "depth": np.ones((12, 16))})
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    flip_prob=st.floats(0.0, 1.0),
+    rotation=st.tuples(st.floats(-180, 180), st.floats(0, 90)).map(lambda t: (t[0], t[0] + t[1])),
+    scale=st.tuples(st.floats(0.1, 3.0), st.floats(0.0, 2.0)).map(lambda t: (t[0], t[0] + t[1])),
+    choices=st.none() | st.lists(st.floats(0.1, 4.0), min_size=1, max_size=5).map(tuple),
+    seed=st.integers(0, 2**31),
+    epoch=st.integers(0, 1000),
+    index=st.integers(0, 10**6),
+)
+def test_draws_stay_in_the_protocols_ranges(flip_prob, rotation, scale, choices, seed, epoch, index):
+    p = dataclasses.replace(PASCAL_CONTEXT, flip_prob=flip_prob, rotation=rotation, scale=scale, scale_choices=choices)
+    t = build_transforms(p, train=True, seed=seed, image_size=8)
+    d = t.draw(epoch, index)
+    assert d == build_transforms(p, train=True, seed=seed, image_size=8).draw(epoch, index)  # (seed, epoch, index)
+    assert rotation[0] <= d.angle <= rotation[1]
+    assert d.scale in choices if choices is not None else scale[0] <= d.scale <= scale[1]
+    assert d.flip is (flip_prob == 1.0 or (flip_prob > 0 and d.flip))
+    # the flip does not depend on the ranges: the same uniform decides it
+    assert (
+        d.flip
+        == build_transforms(dataclasses.replace(PASCAL_CONTEXT, flip_prob=flip_prob), True, seed)
+        .draw(epoch, index)
+        .flip
+    )
