@@ -10,6 +10,7 @@ a check needs (image size, ids, shapes, dtypes, draws) is read from the fixture.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import warnings
@@ -167,6 +168,15 @@ def _tensor_check(name: str, ours: torch.Tensor, expected: torch.Tensor, tol: fl
     return Check(name, d, tol, d <= tol, detail)
 
 
+def _ipp_note() -> str:
+    import cv2
+
+    state = "on" if cv2.ipp.useIPP() else "off"
+    return (
+        f"(OpenCV's float32 cubic resize runs in Intel IPP, {state} here; its rounding depends on the CPU code path)"
+    )
+
+
 def _official_shapes_and_dtypes(name: str, out: dict[str, Any], fx: dict[str, Any], keys: list[str]) -> list[Check]:
     checks = []
     for key in keys:
@@ -254,9 +264,10 @@ def nyud_parity_checks(
             warnings.simplefilter("ignore")  # the same alignment again
             sample = ds[n]
         for key in keys:
-            checks.append(
-                _tensor_check(f"{name}/{key}", sample[key], expected[key], image_tol if key == "image" else 0)
-            )
+            check = _tensor_check(f"{name}/{key}", sample[key], expected[key], image_tol if key == "image" else 0)
+            if key == "normals" and not check.passed:
+                check = dataclasses.replace(check, detail=(check.detail + " " + _ipp_note()).strip())
+            checks.append(check)
         checks += _official_shapes_and_dtypes(name, sample, fx, keys)
         meta = expected.get("meta", {})
         checks.append(_exact(f"{name}/meta_size", sample["meta"]["size"], list(meta.get("im_size", []))))

@@ -188,10 +188,12 @@ class NormalsKind(TaskKind):
 
     def _cubic(self, arr: np.ndarray, size: int) -> np.ndarray:
         """[H, W, 3] -> [S, S, 3], cubic. float64 vectors as one call (= one call per channel, the fast path). Other
-        dtypes (NYUD's float32 files) through a zero fourth channel: OpenCV's float32 cubic resize rounds
-        differently with the channel count (one call per channel differs at most pixels, one 3-channel call by one
-        ulp at a few pixels of some widths), and a 4-channel call reproduces the official 3-channel results of the
-        NYUD fixture at every pixel (all val images and train examples), where a 3-channel call here does not."""
+        dtypes (NYUD's float32 files) through a zero fourth channel: OpenCV hands float32 cubic resizes to Intel
+        IPP, whose rounding depends on the channel count and on the CPU code path it picks (one call per channel
+        differs from a 3-channel call at most pixels; with IPP off every layout differs from the official values
+        at most pixels). On the machines this was checked on, a 4-channel call reproduces the official 3-channel
+        results of the NYUD fixture at every pixel (all val images and train examples), where a 3-channel call
+        differs by one float32 ulp at one column of some widths."""
         if arr.dtype == np.float64:
             return cv2.resize(arr, (size, size), interpolation=self.interpolation)
         padded = np.concatenate([arr, np.zeros_like(arr[..., :1])], axis=-1)
