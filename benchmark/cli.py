@@ -583,13 +583,12 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
         _remove_stale_temp_files(work_dir, work_dir / "checkpoints")
     data_root = _prepare_data(args, settings, work_dir, rank)
     workers = settings.workers if args.workers is None else args.workers
-    val_ds = PascalMT(
-        data_root, protocol.val_split, tasks, build_transforms(settings.image_size, train=False, seed=seed)
-    )
+    size = settings.image_size
+    val_ds = PascalMT(data_root, protocol.val_split, tasks, build_transforms(protocol, False, seed, image_size=size))
     train_ds = None
     if not args.eval_only:
         train_ds = PascalMT(
-            data_root, protocol.train_split, tasks, build_transforms(settings.image_size, train=True, seed=seed)
+            data_root, protocol.train_split, tasks, build_transforms(protocol, True, seed, image_size=size)
         )
 
     set_random_seed(seed)  # same initialisation of new (LoRA, decoder) weights on every rank

@@ -1,10 +1,11 @@
-"""``benchmark-data``: generate, check and fetch the PASCAL-Context multi-task data.
+"""``benchmark-data``: generate, check and fetch a protocol's multi-task data (default protocol pascal-context).
 
-    benchmark-data synth --out DIR [--train N] [--val M] [--seed S]   # small generated dataset, real layout
-    benchmark-data check DIR [--tasks semseg,normals] [--split val]   # exit 0 only if the folder is usable
-    benchmark-data fetch --dest DIR [--url URL] [--sha256 HEX]        # download (resumable), verify, extract, check
+    benchmark-data synth [--protocol P] DIR [--train N] [--val M] [--seed S]  # small generated dataset, real layout
+    benchmark-data check [--protocol P] DIR [--tasks semseg,normals] [--split val]  # exit 0 only if usable
+    benchmark-data fetch --dest DIR [--url URL] [--sha256 HEX]        # PASCAL_MT: download (resumable), verify, check
 
-Errors print one line on stderr and exit non-zero; nothing half-written is left behind (a download keeps only
+``synth`` also takes the folder as ``--out DIR``. Errors print one line on stderr and exit 2 (bad arguments, a
+folder or file that cannot be used, a failed download); nothing half-written is left behind (a download keeps only
 its ``.part`` file, so the next ``fetch`` resumes it).
 """
 
@@ -27,7 +28,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from benchmark.dataset import SPLITS, TASKS, DatasetError, check_dataset
+from benchmark.dataset import SPLITS, DatasetError, check_dataset
+from benchmark.protocol import PASCAL_CONTEXT, PROTOCOLS, Protocol, get_protocol
 
 DEFAULT_URL = "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz"  # docs/protocol.md 1
 _CHUNK = 1 << 20
@@ -324,62 +326,89 @@ def _names(values: Sequence[str] | None, allowed: Sequence[str], what: str) -> t
     return tuple(dict.fromkeys(names))
 
 
-def _run_check(root: Path, splits: Sequence[str], tasks: Sequence[str]) -> int:
-    report = check_dataset(root, splits, tasks, progress=lambda m: print(m, file=sys.stderr))
+def _run_check(protocol: Protocol, root: Path, splits: Sequence[str], tasks: Sequence[str]) -> int:
+    report = check_dataset(protocol, root, splits, tasks, progress=lambda m: print(m, file=sys.stderr))
     for line in report.lines():
         print(line)
     if report.ok:
-        print(f"OK: usable for splits {list(splits)} and tasks {list(tasks)}")
+        print(f"OK: usable for protocol {protocol.name}, splits {list(splits)} and tasks {list(tasks)}")
         return 0
     n = sum(len(p.names) for p in report.problems)
     print(f"NOT USABLE: {n} problem(s) in {len(report.problems)} group(s)", file=sys.stderr)
-    return 1
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="benchmark-data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("synth", help="write a small generated dataset in the real PASCAL_MT layout")
-    p.add_argument("--out", required=True, type=Path, help="new (or empty) output folder")
+    protocol_help = f"protocol whose data layout and tasks are used: {', '.join(PROTOCOLS)} (default pascal-context)"
+    p = sub.add_parser("synth", help="write a small generated dataset in the protocol's real layout")
+    p.add_argument("--protocol", default=PASCAL_CONTEXT.name, help=protocol_help)
+    p.add_argument("out_dir", nargs="?", type=Path, metavar="DIR", help="new (or empty) output folder")
+    p.add_argument("--out", type=Path, help="the same as DIR")
     p.add_argument("--train", type=int, default=64, help="train images (default 64)")
     p.add_argument("--val", type=int, default=16, help="val images (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("check", help="validate a dataset folder; exit 0 only when it is usable")
+    p.add_argument("--protocol", default=PASCAL_CONTEXT.name, help=protocol_help)
     p.add_argument("root", type=Path)
-    p.add_argument("--tasks", nargs="+", help=f"subset of {','.join(TASKS)} (default all)")
+    p.add_argument("--tasks", nargs="+", help="subset of the protocol's tasks, e.g. semseg,normals (default all)")
     p.add_argument("--split", nargs="+", help=f"subset of {','.join(SPLITS)} (default all)")
-    p = sub.add_parser("fetch", help="download, verify and extract the dataset, then check it")
+    p = sub.add_parser("fetch", help="download, verify and extract the PASCAL_MT dataset, then check it")
     p.add_argument("--dest", required=True, type=Path, help="folder to download and extract into")
     p.add_argument("--url", default=DEFAULT_URL)
     p.add_argument("--sha256", help="expected checksum of the archive")
     return parser
 
 
+def _protocol(name: str) -> Protocol:
+    try:
+        return get_protocol(name)
+    except KeyError:
+        raise DatasetError(f"--protocol {name!r}: unknown protocol; expected one of {list(PROTOCOLS)}") from None
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    if args.out_dir is not None and args.out is not None and args.out_dir != args.out:
+        raise DatasetError(f"synth: two output folders given ({args.out_dir} and --out {args.out}); expected one")
+    out = args.out_dir if args.out_dir is not None else args.out
+    if out is None:
+        raise DatasetError("synth: no output folder; expected DIR (or --out DIR)")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed its message
+        return 0 if e.code == 0 else 2
     try:
         if args.command == "synth":
-            out = make_synthetic(args.out, args.train, args.val, args.seed)
-            print(f"wrote {args.train} train + {args.val} val images to {out}")
+            protocol = _protocol(args.protocol)
+            out = make_synthetic(_out_dir(args), args.train, args.val, args.seed, protocol)
+            print(f"wrote {args.train} train + {args.val} val images ({protocol.name} layout) to {out}")
             return 0
         if args.command == "check":
-            return _run_check(args.root, _names(args.split, SPLITS, "splits"), _names(args.tasks, TASKS, "tasks"))
+            protocol = _protocol(args.protocol)
+            splits = _names(args.split, SPLITS, "splits")
+            return _run_check(protocol, args.root, splits, _names(args.tasks, protocol.task_names, "tasks"))
         if args.command == "fetch":
             root = fetch(args.dest, args.url, args.sha256)
-            return _run_check(root, SPLITS, TASKS)
+            return _run_check(PASCAL_CONTEXT, root, SPLITS, PASCAL_CONTEXT.task_names)
     except (ValueError, OSError) as e:  # DatasetError, FetchError, synth's errors, unwritable folders
         print(f"benchmark-data {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print(f"benchmark-data {args.command}: interrupted", file=sys.stderr)
         return 130
     return 2
 
 
-def make_synthetic(out: Path, n_train: int, n_val: int, seed: int) -> Path:
+def make_synthetic(out: Path, n_train: int, n_val: int, seed: int, protocol: Protocol = PASCAL_CONTEXT) -> Path:
     from benchmark.synth import make_synthetic_dataset  # imported lazily: check/fetch do not need it
 
-    return make_synthetic_dataset(out, n_train, n_val, seed)
+    return make_synthetic_dataset(out, n_train, n_val, seed, protocol=protocol)
 
 
 if __name__ == "__main__":

@@ -1,98 +1,47 @@
-"""PASCAL-Context multi-task data ("PASCAL_MT", docs/protocol.md 1): loader, label decoding, checks, parity.
+"""Multi-task data, the generic core: errors, split files, image reading, the dataset base class, collate, the
+dataset check report, and the registry of data sources keyed by ``Protocol.dataset``.
 
-Layout read under ``root`` (the real PASCAL_MT folder, the fixture's tiny copy, or ``benchmark-data synth``)::
+Each data source (file layout, label files) is one module registered in ``DATASETS``:
 
-    JPEGImages/{id}.jpg                   image (Pillow, RGB)
-    ImageSets/Context/{split}.txt         one id per line
-    semseg/VOC12/{id}.png                 semseg, 0..20 and 255; preferred when it exists ...
-    semseg/pascal-context/{id}.png        ... otherwise this one
-    human_parts/{id}.mat                  'anno' struct (PASCAL-Part); persons' parts grouped into 6 classes
-    pascal-context/trainval/{id}.mat      'LabelMap' (459 Context classes): validity mask of the normals
-    normals_distill/{id}.png              RGB, n = 2 * png / 255 - 1
-    sal_distill/{id}.png                  grayscale, salient = png / 255 > 0.5
+- ``pascal_mt``: ``benchmark.pascal_data`` (PASCAL-Context multi-task, class ``PascalMT``);
+- ``nyud_mt``: ``benchmark.nyud_data`` (NYUDv2 multi-task, class ``NYUDMT``).
 
-Differences from the official loader, on purpose:
+A data-source module provides ``DATASET`` (a :class:`MultiTaskDataset` subclass built as
+``DATASET(root, split, tasks, transform, **options)``), ``LAYOUT`` (the folder it expects, in words),
+``check_label(root, task, image_id, shape)`` and ``image_path(root, image_id)`` (for :func:`check_dataset`),
+``read_split(root, split)`` and ``SPLIT_FILE``, and ``make_synthetic(out, n_train, n_val, seed, protocol, **options)``
+(``benchmark-data synth``). Callers go through :func:`open_dataset`, :func:`check_dataset`, :func:`dataset_ready`
+and ``benchmark.synth.make_synthetic_dataset`` with the protocol; the modules are imported on first use.
 
-- Only the files of the requested tasks are needed (a semseg-only run needs no normals), but every one of them
-  is checked for existence when the dataset is built, so a run fails at construction, not hours later.
-- Nothing is ever written into ``root``. The official code writes ``ImageSets/Parts/*.txt`` there (and its
-  builder crashes under NumPy 2); here the "which images have a person" index is built without it and cached in
-  ``cache_dir`` (``$MTPEFT_CACHE`` or ``~/.cache/mtpeft``), keyed by the names, sizes and mtimes of the parts
-  files, so any change to them rebuilds it.
-- Bad files raise :class:`DatasetError` naming the file and what was expected. A label whose size differs from
-  its image is an error by default (``size_mismatch="error"``); ``"resize"`` resizes it with nearest
-  neighbours as the official loader does (the parity check uses that).
-
-Sample format (``PascalMT[i]`` with a transform): ``{"image": float32 [3,S,S], "semseg": [1,S,S],
-"human_parts": [1,S,S], "sal": [1,S,S], "normals": [3,S,S], "meta": {"id": str, "size": [H, W]}}`` with only the
-requested tasks; :func:`collate` batches them (``meta`` becomes a list of dicts).
+Adding a data source: its module plus one ``DATASETS.add`` line below.
 """
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import json
 import os
-import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import cv2
 import numpy as np
-import scipy.io
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
-from benchmark.parity import Check
-from benchmark.transforms import MultiTaskTransform, build_transforms
+from benchmark.registry import Registry
 
-TASKS = ("semseg", "human_parts", "sal", "normals")
+if TYPE_CHECKING:
+    from benchmark.protocol import Protocol
+
 SPLITS = ("train", "val")
-NUM_SEMSEG_CLASSES = 21
 IGNORE = 255
-PERSON_CLASS = 15  # PASCAL VOC / PASCAL-Part category id of 'person'
-CACHE_ENV = "MTPEFT_CACHE"
-SIZE_MISMATCH = ("error", "resize")
-
-# The official 6-part grouping of the PASCAL-Part person parts (docs/protocol.md 1.2); any other part name is 0.
-HUMAN_PART_GROUPS: dict[str, int] = {
-    **dict.fromkeys(("hair", "head", "lear", "rear", "lebrow", "rebrow", "leye", "reye", "mouth", "nose"), 1),
-    **dict.fromkeys(("neck", "torso"), 2),
-    **dict.fromkeys(("luarm", "ruarm"), 3),
-    **dict.fromkeys(("llarm", "rlarm", "lhand", "rhand"), 4),
-    **dict.fromkeys(("luleg", "ruleg"), 5),
-    **dict.fromkeys(("llleg", "rlleg", "lfoot", "rfoot"), 6),
-}
-NUM_HUMAN_PARTS = 1 + max(HUMAN_PART_GROUPS.values())
-
-# Relative paths of every file kind; ``{id}`` is filled in.
-FILES = {
-    "image": "JPEGImages/{id}.jpg",
-    "semseg_voc": "semseg/VOC12/{id}.png",
-    "semseg_context": "semseg/pascal-context/{id}.png",
-    "human_parts": "human_parts/{id}.mat",
-    "labelmap": "pascal-context/trainval/{id}.mat",
-    "normals": "normals_distill/{id}.png",
-    "sal": "sal_distill/{id}.png",
-}
-SPLIT_FILE = "ImageSets/Context/{split}.txt"
-# What each task needs besides the image (semseg: either of its two files).
-_TASK_FILES = {"semseg": ("semseg_context",), "human_parts": ("human_parts",), "sal": ("sal",)}
-_TASK_FILES["normals"] = ("normals", "labelmap")
-_EXPECTED = {
-    "image": "an RGB JPEG image",
-    "semseg_context": "an 8-bit PNG of class ids 0..20 (255 = ignore)",
-    "human_parts": "a MATLAB file with the PASCAL-Part 'anno' struct",
-    "labelmap": "a MATLAB file with the PASCAL-Context 'LabelMap'",
-    "normals": "an RGB PNG of distilled surface normals",
-    "sal": "a grayscale PNG of distilled saliency",
-}
 
 
 class DatasetError(ValueError):
@@ -121,27 +70,12 @@ def db_info(name: str) -> dict[str, Any]:
     return json.loads(resources.files("benchmark.db_info").joinpath(name).read_text(encoding="utf-8"))
 
 
-@cache
-def normals_valid_context_ids() -> frozenset[int]:
-    """Context class ids whose normals are kept: names also in the NYUD table (not 'unknown'), plus tvmonitor."""
-    context, nyu = db_info("context_classes.json"), db_info("nyu_classes.json")
-    ids = {context[name] for name in nyu if name in context and name != "unknown"}
-    return frozenset(ids | {context["tvmonitor"]})
-
-
-def default_cache_dir() -> Path:
-    """``$MTPEFT_CACHE``, else ``~/.cache/mtpeft``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mtpeft"
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# File readers: each returns NumPy arrays or raises DatasetError naming the file
+# File readers shared by the data sources: each returns NumPy arrays or raises DatasetError naming the file
 
 
-def read_split(root: Path, split: str) -> list[str]:
-    """Ids of ``ImageSets/Context/{split}.txt`` in file order; duplicates and blank names are errors."""
-    path = root / SPLIT_FILE.format(split=split)
+def read_id_list(path: Path) -> list[str]:
+    """Ids of a split file (one id per line) in file order; duplicates and blank names are errors."""
     if not path.is_file():
         raise DatasetNotFoundError(f"{path}: split file not found (expected one image id per line)", path)
     try:
@@ -169,7 +103,7 @@ def read_split(root: Path, split: str) -> list[str]:
     return ids
 
 
-# Largest image read, in pixels: PASCAL images are at most 500 x 500 and the protocol works at 448 x 448; a header
+# Largest image read, in pixels: PASCAL and NYUD images are at most 640 x 480 and the protocols work at 448 x 448; a header
 # claiming more (a decompression bomb, or a photo far larger than the protocol needs) is refused before decoding.
 MAX_IMAGE_PIXELS = 4096 * 4096
 
@@ -206,9 +140,9 @@ def _open_image(path: Path, what: str) -> Image.Image:
     return img
 
 
-def read_image(path: Path) -> np.ndarray:
-    """The JPEG as float64 [H, W, 3] of its 0..255 values (Pillow decoder, RGB, like the official loader)."""
-    return np.asarray(_open_image(path, _EXPECTED["image"]).convert("RGB"), dtype=np.float64)
+def read_image(path: Path, what: str = "an RGB JPEG image") -> np.ndarray:
+    """The JPEG as float64 [H, W, 3] of its 0..255 values (Pillow decoder, RGB, like the official loaders)."""
+    return np.asarray(_open_image(path, what).convert("RGB"), dtype=np.float64)
 
 
 def _read_gray_png(path: Path, what: str) -> np.ndarray:
@@ -218,391 +152,41 @@ def _read_gray_png(path: Path, what: str) -> np.ndarray:
     return np.asarray(img)  # for a palette PNG these are the palette indices, i.e. the labels
 
 
-def read_semseg(path: Path) -> np.ndarray:
-    """Semseg label uint8 [H, W]; values must be 0..20 or 255."""
-    arr = _read_gray_png(path, _EXPECTED["semseg_context"])
-    bad = (arr >= NUM_SEMSEG_CLASSES) & (arr != IGNORE)
-    if bad.any():
-        values = sorted(int(v) for v in np.unique(arr[bad]))[:8]
-        raise DatasetError(f"{path}: semseg values {values} out of range; expected 0..20 or 255", path, "range")
-    return arr
-
-
-def read_sal(path: Path) -> np.ndarray:
-    """Saliency uint8 [H, W] in {0, 1}: png / 255 > 0.5."""
-    arr = _read_gray_png(path, _EXPECTED["sal"])
-    return (arr.astype(np.float64) / 255.0 > 0.5).astype(np.uint8)
-
-
-def read_normals_png(path: Path) -> np.ndarray:
-    """The distilled normals PNG, uint8 [H, W, 3]."""
-    img = _open_image(path, _EXPECTED["normals"])
-    if img.mode != "RGB":
-        raise DatasetError(f"{path}: PNG mode {img.mode!r}, expected {_EXPECTED['normals']}", path, "structure")
-    return np.asarray(img)
-
-
-def _loadmat(path: Path, key: str, what: str) -> Any:
-    if not path.is_file():
-        raise DatasetNotFoundError(f"{path}: file not found (expected {what})", path)
-    try:
-        mat = scipy.io.loadmat(str(path))
-    except Exception as e:  # scipy raises many types (ValueError, TypeError, MatReadError, OSError, ...)
-        raise DatasetError(
-            f"{path}: cannot read MATLAB file ({type(e).__name__}: {e}); expected {what}", path, "unreadable"
-        ) from e
-    if key not in mat:
-        keys = sorted(k for k in mat if not k.startswith("__"))
-        raise DatasetError(f"{path}: no key {key!r} (found {keys}); expected {what}", path, "structure")
-    return mat[key]
-
-
-def read_labelmap(path: Path) -> np.ndarray:
-    """PASCAL-Context ``LabelMap``: integer [H, W] class ids (0 = unlabeled)."""
-    arr = np.asarray(_loadmat(path, "LabelMap", _EXPECTED["labelmap"]))
-    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise DatasetError(
-            f"{path}: LabelMap is {arr.dtype} {list(arr.shape)}; expected a 2-D array of integer class ids",
-            path,
-            "structure",
-        )
-    if np.issubdtype(arr.dtype, np.floating):  # as the official loader, any numeric dtype holding whole numbers
-        bad = ~np.isfinite(arr) | (arr != np.round(arr)) | (arr < 0) | (arr > np.iinfo(np.int32).max)
-        if bad.any():
-            value = arr[bad].flat[0]
-            raise DatasetError(
-                f"{path}: LabelMap ({arr.dtype}) holds {int(bad.sum())} value(s) that are not whole class ids, "
-                f"e.g. {value!r}; expected integer class ids",
-                path,
-                "structure",
-            )
-        arr = arr.astype(np.int64)
-    return arr
-
-
-def _scalar(value: Any) -> float:
-    # MATLAB scalars load as 1x1 arrays; int() of a 2-D array is what breaks the official code under NumPy 2.
-    arr = np.asarray(value)
-    if arr.size != 1 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise ValueError(f"expected a numeric scalar, got {arr.dtype} {list(arr.shape)}")
-    return float(arr.reshape(-1)[0])
-
-
-def _string(value: Any) -> str:
-    arr = np.asarray(value)
-    if arr.dtype.kind != "U" or arr.size != 1:
-        raise ValueError(f"expected a string, got {arr.dtype} {list(arr.shape)}")
-    return str(arr.reshape(-1)[0])
-
-
-def _struct_items(value: Any, fields: Sequence[str], what: str) -> list[Any]:
-    """Elements of a MATLAB struct array (scipy record array); [] for an empty ([] or 0x0) value."""
-    arr = np.asarray(value)
-    if arr.size == 0:
-        return []
-    missing = [f for f in fields if arr.dtype.names is None or f not in arr.dtype.names]
-    if missing:
-        raise ValueError(f"{what} lacks fields {missing} (has {list(arr.dtype.names or [])})")
-    return list(arr.reshape(-1))
-
-
-@dataclass(frozen=True)
-class PartObject:
-    class_ind: int  # PASCAL category (15 = person)
-    mask: np.ndarray  # uint8/bool [H, W]
-    parts: tuple[tuple[str, np.ndarray], ...]  # (part name, mask)
-
-
-def read_part_objects(path: Path) -> list[PartObject]:
-    """The objects of a PASCAL-Part ``anno`` struct (fields imname, objects{class, class_ind, mask, parts})."""
-    anno = _loadmat(path, "anno", _EXPECTED["human_parts"])
-    try:
-        records = _struct_items(anno, ("objects",), "'anno'")
-        if len(records) != 1:
-            raise ValueError(f"'anno' has {len(records)} elements, expected a 1x1 struct")
-        rec = records[0]
-        objects = []
-        for k, obj in enumerate(_struct_items(rec["objects"], ("class_ind", "mask", "parts"), "'anno.objects'")):
-            mask = np.asarray(obj["mask"])
-            if mask.ndim != 2:
-                raise ValueError(f"object {k}: mask has shape {list(mask.shape)}, expected 2-D")
-            parts = []
-            for j, part in enumerate(_struct_items(obj["parts"], ("part_name", "mask"), f"object {k} parts")):
-                pmask = np.asarray(part["mask"])
-                if pmask.shape != mask.shape:
-                    raise ValueError(
-                        f"object {k} part {j}: mask {list(pmask.shape)} != object mask {list(mask.shape)}"
-                    )
-                parts.append((_string(part["part_name"]), pmask))
-            objects.append(PartObject(int(_scalar(obj["class_ind"])), mask, tuple(parts)))
-    except (ValueError, TypeError, IndexError, KeyError) as e:
-        raise DatasetError(
-            f"{path}: unexpected 'anno' structure ({e}); expected {_EXPECTED['human_parts']}", path, "structure"
-        ) from e
-    return objects
-
-
-def part_categories(objects: Iterable[PartObject]) -> list[int]:
-    """Category of each object, or -1 when its mask is empty (the official parts index)."""
-    return [o.class_ind if int(np.count_nonzero(o.mask)) > 0 else -1 for o in objects]
-
-
-def human_parts_map(objects: Sequence[PartObject], shape: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
-    """Paint the part groups of every person that has parts, in file order (later objects win).
-
-    Returns the map (uint8, 0 = background) and the shape of the masks it was painted from (``shape`` when no
-    person has parts). As in the official loader, nothing is painted unless some person has a non-empty mask.
-    """
-    if PERSON_CLASS not in part_categories(objects):
-        return np.zeros(shape, np.uint8), shape
-    target = None
-    for obj in objects:
-        if obj.class_ind != PERSON_CLASS or not obj.parts:
-            continue
-        if target is None:
-            target = np.zeros(obj.mask.shape, np.uint8)
-        for name, mask in obj.parts:
-            if mask.shape != target.shape:
-                raise ValueError(f"part mask {list(mask.shape)} differs from the first person's {list(target.shape)}")
-            np.copyto(target, HUMAN_PART_GROUPS.get(name, 0), where=mask.astype(bool))  # = target[mask] = group
-    if target is None:
-        return np.zeros(shape, np.uint8), shape
-    return target, target.shape
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Parts index (cached outside the dataset folder)
-
-_PARTS_INDEX_VERSION = 1
-
-
-def _parts_index_key(files: Sequence[tuple[str, Path]]) -> str:
-    h = hashlib.sha256(f"parts-index-v{_PARTS_INDEX_VERSION}\n".encode())
-    for name, path in files:
-        st = path.stat()
-        h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def parts_index(root: Path, ids: Sequence[str], cache_dir: Path | None = None) -> dict[str, list[int]]:
-    """{id: category of each object, -1 for empty masks} for the ids' parts files, cached under ``cache_dir``.
-
-    The cache file name is a hash of the ids and the parts files' sizes and mtimes, so a changed file gives a new
-    key and the index is rebuilt. Nothing is written under ``root``.
-    """
-    root = Path(root)
-    files = [(i, root / FILES["human_parts"].format(id=i)) for i in ids]
-    for _, path in files:
-        if not path.is_file():
-            raise DatasetNotFoundError(f"{path}: file not found (expected {_EXPECTED['human_parts']})", path)
-    key = _parts_index_key(files)
-    cache_file = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "parts_index" / f"{key}.json"
-    if cache_file.is_file():
-        try:
-            data = json.loads(cache_file.read_text(encoding="utf-8"))
-            if isinstance(data, dict) and list(data) == list(ids):
-                return {k: [int(c) for c in v] for k, v in data.items()}
-        except (OSError, ValueError):
-            pass  # unreadable or foreign: rebuild below
-    index = {i: part_categories(read_part_objects(p)) for i, p in files}
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(index, f)
-        os.replace(tmp, cache_file)
-    except OSError as e:  # a read-only cache only costs time
-        warnings.warn(f"could not write the parts index cache {cache_file}: {e}", stacklevel=2)
-    return index
-
-
-def _align(
-    arr: np.ndarray, shape: tuple[int, int], path: Path, what: str, size_mismatch: str, cubic: bool = False
-) -> np.ndarray:
-    if arr.shape[:2] == tuple(shape):
-        return arr
-    if size_mismatch == "resize":
-        # The official loader's fallback: resize to the image size, nearest for label maps, cubic for normals.
-        return cv2.resize(arr, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC if cubic else cv2.INTER_NEAREST)
-    raise DatasetError(
-        f"{path}: {what} is {arr.shape[0]}x{arr.shape[1]} but its image is {shape[0]}x{shape[1]} (HxW); "
-        "expected the same size",
-        path,
-        "size",
-    )
-
-
-def semseg_path(root: Path, image_id: str) -> Path:
-    """semseg/VOC12/{id}.png when it exists, else semseg/pascal-context/{id}.png (the official preference)."""
-    voc = Path(root) / FILES["semseg_voc"].format(id=image_id)
-    return voc if voc.is_file() else Path(root) / FILES["semseg_context"].format(id=image_id)
-
-
-@cache
-def _normals_png_table() -> np.ndarray:
-    """float64 [256]: 2 * v / 255 - 1 for every uint8 value v of a normals PNG."""
-    table = 2.0 * np.arange(256, dtype=np.uint8).astype(np.float64) / 255.0 - 1.0
-    table.flags.writeable = False
-    return table
-
-
-@cache
-def _normals_valid_table() -> np.ndarray:
-    """bool [max id + 1]: is this Context class id normals-valid."""
-    ids = sorted(normals_valid_context_ids())
-    table = np.zeros(ids[-1] + 1, bool)
-    table[ids] = True
-    table.flags.writeable = False
-    return table
-
-
-def _normals_valid(labelmap: np.ndarray) -> np.ndarray:
-    """np.isin(labelmap, normals_valid_context_ids()), as one table lookup when the ids are in the table's range."""
-    table = _normals_valid_table()
-    if labelmap.size and labelmap.min() >= 0 and labelmap.max() < len(table):
-        return np.take(table, labelmap)
-    return np.isin(labelmap, np.fromiter(normals_valid_context_ids(), dtype=np.int64))
-
-
-def load_label(
-    root: Path, task: str, image_id: str, shape: tuple[int, int], size_mismatch: str = "error"
-) -> np.ndarray:
-    """One task's raw label for ``image_id``, aligned to the image ``shape`` (H, W): semseg, human_parts and sal
-    uint8 [H, W]; normals float64 [H, W, 3], zero where the Context class is not normals-valid."""
-    root = Path(root)
-    if task == "semseg":
-        path = semseg_path(root, image_id)
-        return _align(read_semseg(path), shape, path, "the semseg label", size_mismatch)
-    if task == "human_parts":
-        path = root / FILES["human_parts"].format(id=image_id)
-        try:
-            target, _ = human_parts_map(read_part_objects(path), shape)
-        except ValueError as e:
-            if isinstance(e, DatasetError):
-                raise
-            raise DatasetError(f"{path}: {e}; expected equal-sized masks", path, "structure") from e
-        return _align(target, shape, path, "the human parts masks", size_mismatch)
-    if task == "sal":
-        path = root / FILES["sal"].format(id=image_id)
-        return _align(read_sal(path), shape, path, "the saliency map", size_mismatch)
-    if task == "normals":
-        png_path = root / FILES["normals"].format(id=image_id)
-        lm_path = root / FILES["labelmap"].format(id=image_id)
-        png, labelmap = read_normals_png(png_path), read_labelmap(lm_path)
-        if labelmap.shape != png.shape[:2]:
-            raise DatasetError(
-                f"{lm_path}: LabelMap is {labelmap.shape[0]}x{labelmap.shape[1]} but {png_path.name} is "
-                f"{png.shape[0]}x{png.shape[1]}; expected the same size",
-                lm_path,
-                "size",
-            )
-        # where(valid, 2 * png / 255 - 1, 0) in float64 as the official loader (its result is what the fixture
-        # holds); the 256 possible values come from a table computed with those same float64 operations.
-        normals = cv2.LUT(png, _normals_png_table())
-        np.copyto(normals, 0.0, where=~_normals_valid(labelmap)[..., None])
-        return _align(normals, shape, png_path, "the normals map", size_mismatch, cubic=True)
-    raise DatasetError(f"unknown task {task!r}; expected one of {list(TASKS)}", None, "config")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The dataset
-
-
-def _resolve_tasks(tasks: Iterable[str]) -> tuple[str, ...]:
+def resolve_tasks(tasks: Iterable[str], known: Sequence[str]) -> tuple[str, ...]:
+    """The requested task names in the data source's canonical order; unknown or repeated names are errors."""
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise DatasetError(f"unknown task(s) {unknown}; expected a subset of {list(TASKS)}", None, "config")
+        raise DatasetError(f"unknown task(s) {unknown}; expected a subset of {list(known)}", None, "config")
     if len(set(tasks)) != len(tasks):
         raise DatasetError(f"tasks {list(tasks)} list a task twice", None, "config")
-    return tuple(t for t in TASKS if t in tasks)  # canonical order
+    return tuple(t for t in known if t in tasks)
 
 
-class PascalMT(Dataset):
-    """PASCAL-Context multi-task split (see the module docstring for layout, sample format and differences).
+# ---------------------------------------------------------------------------------------------------------------
+# The dataset base class
 
-    ``transform`` is typically :func:`benchmark.transforms.build_transforms`; without one, items are the raw
-    NumPy arrays of :meth:`load_raw` plus ``meta``. ``drop_images_without_parts`` (default: only when
-    human_parts is the sole task, as the official loader does) removes the images without a person.
+
+class MultiTaskDataset(Dataset):
+    """A split of a multi-task dataset: ``ids`` in split-file order, ``load_raw(index)`` (the data source's) and
+    the protocol's transform.
+
+    Sample format (``ds[i]`` with a transform): ``{"image": float32 [3,S,S], <task>: [C,S,S] for each requested
+    task, "meta": {"id": str, "size": [H, W]}}``; without a transform the raw NumPy arrays of ``load_raw`` plus
+    ``meta``. :func:`collate` batches them (``meta`` becomes a list of dicts). A transform with an ``apply(sample,
+    draw)`` method and a ``draw(epoch, index)`` (``benchmark.transforms.MultiTaskTransform``) is called with the
+    epoch set by :meth:`set_epoch` and the sample's index, so its draws depend on (seed, epoch, index) only.
     """
 
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        split: str = "val",
-        tasks: Iterable[str] = TASKS,
-        transform: Any = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        *,
-        size_mismatch: str = "error",
-        drop_images_without_parts: bool | None = None,
-    ) -> None:
-        self.root = Path(root).expanduser()
-        self.split = split
-        self.tasks = _resolve_tasks(tasks)
+    root: Path
+    split: str
+    tasks: tuple[str, ...]
+    ids: list[str]
+
+    def __init__(self, transform: Any = None) -> None:
         self.transform = transform
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        if size_mismatch not in SIZE_MISMATCH:
-            raise DatasetError(f"size_mismatch must be one of {SIZE_MISMATCH}, got {size_mismatch!r}", None, "config")
-        self.size_mismatch = size_mismatch
-        if not self.root.is_dir():
-            raise DatasetNotFoundError(
-                f"{self.root}: dataset folder not found (expected the PASCAL_MT root)", self.root
-            )
-        self.ids = read_split(self.root, split)
-        self._check_files_exist()
         # Shared memory, so that data-loader workers (forked or spawned, persistent or not) see set_epoch().
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._has_parts: list[bool] | None = None
-        if drop_images_without_parts is None:
-            drop_images_without_parts = self.tasks == ("human_parts",)
-        if drop_images_without_parts:
-            if "human_parts" not in self.tasks:
-                raise DatasetError("drop_images_without_parts needs the human_parts task", None, "config")
-            keep = self.has_human_parts
-            self.ids = [i for i, k in zip(self.ids, keep, strict=True) if k]
-            self._has_parts = [True] * len(self.ids)
-
-    # -- construction checks ----------------------------------------------------------------------------------
-
-    def _listing(self, kind: str) -> set[str]:
-        folder = (self.root / FILES[kind].format(id="x")).parent
-        try:
-            return {e.name for e in os.scandir(folder) if e.is_file()}
-        except FileNotFoundError:
-            return set()
-
-    def _check_files_exist(self) -> None:
-        kinds = ["image"] + [k for t in self.tasks for k in _TASK_FILES[t]]
-        listings = {k: self._listing(k) for k in kinds}
-        voc = self._listing("semseg_voc") if "semseg" in self.tasks else set()
-        missing: list[tuple[str, Path]] = []
-        for i in self.ids:
-            for kind in kinds:
-                name = Path(FILES[kind].format(id=i)).name
-                if kind == "semseg_context" and name in voc:
-                    continue  # the VOC12 label is used instead
-                if name not in listings[kind]:
-                    missing.append((kind, self.root / FILES[kind].format(id=i)))
-        if missing:
-            kind, path = missing[0]
-            more = f" (and {len(missing) - 1} more missing files)" if len(missing) > 1 else ""
-            also = f" or semseg/VOC12/{path.stem}.png" if kind == "semseg_context" else ""
-            raise DatasetNotFoundError(
-                f"{path}{also}: file not found (expected {_EXPECTED[kind]} for split {self.split!r}, "
-                f"tasks {list(self.tasks)}){more}",
-                path,
-            )
-
-    # -- index ------------------------------------------------------------------------------------------------
-
-    @property
-    def has_human_parts(self) -> list[bool]:
-        """Per id: does the image have a person with a non-empty mask (cached index, built on first use)."""
-        if self._has_parts is None:
-            index = parts_index(self.root, self.ids, self.cache_dir)
-            self._has_parts = [PERSON_CLASS in index[i] for i in self.ids]
-        return self._has_parts
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation of this epoch (train transforms draw from (seed, epoch, index))."""
@@ -615,18 +199,12 @@ class PascalMT(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    # -- loading ----------------------------------------------------------------------------------------------
-
     def load_raw(self, index: int) -> dict[str, np.ndarray]:
-        """The arrays before any transform: image float64 [H,W,3], semseg/human_parts/sal uint8 [H,W],
-        normals float64 [H,W,3] (zero where invalid)."""
-        image_id = self.ids[index]
-        image = read_image(self.root / FILES["image"].format(id=image_id))
-        shape = image.shape[:2]
-        sample = {"image": image}
-        for task in self.tasks:
-            sample[task] = load_label(self.root, task, image_id, shape, self.size_mismatch)
-        return sample
+        raise NotImplementedError
+
+    def image_path(self, index: int) -> Path:
+        """The image file of sample ``index`` (for messages)."""
+        raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self.ids) <= index < len(self.ids):
@@ -636,7 +214,7 @@ class PascalMT(Dataset):
         meta = {"id": self.ids[index], "size": [int(raw["image"].shape[0]), int(raw["image"].shape[1])]}
         if self.transform is None:
             out: dict[str, Any] = raw
-        elif isinstance(self.transform, MultiTaskTransform):
+        elif hasattr(self.transform, "draw") and hasattr(self.transform, "apply"):
             out = self.transform(raw, epoch=self.epoch, index=index)
         else:
             out = self.transform(raw)
@@ -692,41 +270,32 @@ class CheckReport:
         return out
 
 
-def _check_normals_png(path: Path) -> None:
-    """A normals PNG that is zero everywhere encodes no normal at all (each pixel would decode to (-1, -1, -1))."""
-    if path.is_file() and not read_normals_png(path).any():
-        raise DatasetError(
-            f"{path}: every pixel is 0, so no pixel holds a normal; expected unit normals encoded as (n + 1) * 255 / 2",
-            path,
-            "all zero",
-        )
-
-
-def check_dataset(
+def check_folder(
+    source: ModuleType,
     root: str | os.PathLike[str],
-    splits: Sequence[str] = SPLITS,
-    tasks: Iterable[str] = TASKS,
-    progress: Any = None,
+    splits: Sequence[str],
+    tasks: Sequence[str],
+    progress: Callable[[str], Any] | None = None,
 ) -> CheckReport:
-    """Read every file the given splits and tasks need and report what is missing, unreadable or invalid."""
+    """Read every file the given splits and tasks need, through the data source's readers, and report what is
+    missing, unreadable or invalid (split files, disjoint splits, images, each task's label)."""
     root = Path(root).expanduser()
-    tasks = _resolve_tasks(tasks)
     report = CheckReport(root)
     if not root.is_dir():
-        raise DatasetNotFoundError(f"{root}: dataset folder not found (expected the PASCAL_MT root)", root)
+        raise DatasetNotFoundError(f"{root}: dataset folder not found (expected {source.LAYOUT})", root)
     seen: dict[str, set[str]] = {}
     for split in splits:
         try:
-            ids = read_split(root, split)
+            ids = source.read_split(root, split)
         except DatasetError as e:
-            report.add(split, "split", e, SPLIT_FILE.format(split=split))
+            report.add(split, "split", e, source.SPLIT_FILE.format(split=split))
             continue
         report.counts[split] = len(ids)
         seen[split] = set(ids)
         for other, other_ids in seen.items():
             both = [i for i in ids if i in other_ids] if other != split else []
             if both:
-                path = root / SPLIT_FILE.format(split=split)
+                path = root / source.SPLIT_FILE.format(split=split)
                 err = DatasetError(
                     f"{path}: {len(both)} id(s) also listed in {other}, e.g. {both[0]}; expected disjoint splits",
                     path,
@@ -738,119 +307,94 @@ def check_dataset(
             if progress is not None and n and n % 500 == 0:
                 progress(f"{split}: {n}/{len(ids)}")
             try:
-                shape = read_image(root / FILES["image"].format(id=image_id)).shape[:2]
+                shape = read_image(source.image_path(root, image_id)).shape[:2]
             except DatasetError as e:
                 report.add(split, "image", e, image_id)
                 continue
             for task in tasks:
                 try:
-                    if task == "normals":
-                        _check_normals_png(root / FILES["normals"].format(id=image_id))
-                    load_label(root, task, image_id, shape)
+                    source.check_label(root, task, image_id, shape)
                 except DatasetError as e:
                     report.add(split, task, e, image_id)
     return report
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Parity with the official loader (dataset_*.pt fixtures)
+# Data sources, keyed by Protocol.dataset
 
 
-def _fixture_dataset_dir(fixture_path: Path, fixture: dict[str, Any]) -> Path:
-    for key in ("dataset_dir", "dataset_folder", "dataset_root", "root"):
-        name = fixture.get(key)
-        if isinstance(name, str) and (fixture_path.parent / name / "JPEGImages").is_dir():
-            return fixture_path.parent / name
-    candidates = sorted(p for p in fixture_path.parent.iterdir() if (p / "JPEGImages").is_dir())
-    files = fixture.get("dataset_files") or []
-    matching = [c for c in candidates if files and all((c / f).is_file() for f in files)]
-    if len(matching) == 1 or (matching and not files):
-        return matching[0]
-    if len(candidates) == 1:
-        return candidates[0]
-    raise DatasetNotFoundError(
-        f"{fixture_path}: cannot tell which dataset folder beside it belongs to it (candidates: "
-        f"{[c.name for c in candidates]}); expected exactly one folder containing JPEGImages/ and its files",
-        fixture_path.parent,
-    )
+@dataclass(frozen=True)
+class DataSource:
+    """A registered data source: the module that reads its layout, imported on first use."""
+
+    name: str
+    module: str
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    if a.numel() == 0:
-        return 0.0
-    return float((a.to(torch.float64) - b.to(torch.float64)).abs().max())
+DATASETS: Registry[DataSource] = Registry("dataset")
+DATASETS.add("pascal_mt", DataSource("pascal_mt", "benchmark.pascal_data"))
+DATASETS.add("nyud_mt", DataSource("nyud_mt", "benchmark.nyud_data"))
 
 
-def parity_checks(fixture_path: str | os.PathLike[str], image_tol: float = 1e-5) -> list[Check]:
-    """Run the loader with the val transforms (official uint8 wrap) on the fixture's dataset and compare.
+def data_source(protocol: Protocol) -> ModuleType:
+    """The module of ``protocol.dataset``."""
+    return DATASETS.get(protocol.dataset).load()
 
-    Error model of ``image_tol``: once the official truncation and wrap are reproduced the uint8 image is exact, and
-    the normalisation ``(x / 255 - mean) / std`` is a few fp32 roundings of values up to |(1 - 0.406) / 0.225| =
-    2.64, i.e. < 1e-6; 1e-5 (the fixture README's figure) is ten times that, while one uint8 step moves a
-    value by 1 / 255 / 0.229 ~ 0.017. Labels are integers (normals: float64 of the same OpenCV arithmetic): exact.
 
-    One Check per (id, entry): the transformed tensors (labels exact, image within ``image_tol``), the raw arrays
-    before the transforms, the meta size, the has-person flag; plus the id order and the normals' valid class set.
-    """
-    fixture_path = Path(fixture_path)
-    from benchmark.safeload import safe_load
+def open_dataset(
+    protocol: Protocol, root: str | os.PathLike[str], split: str, transform: Any = None, **options: Any
+) -> MultiTaskDataset:
+    """The protocol's dataset for ``split`` under ``root`` with the protocol's tasks (``tasks=`` for a subset);
+    ``options`` go to the data source's class (e.g. ``cache_dir``, ``size_mismatch``)."""
+    tasks = options.pop("tasks", protocol.task_names)
+    return data_source(protocol).DATASET(root, split, tasks, transform, **options)
 
-    fx = safe_load(fixture_path, "dataset fixture")
-    stem = fixture_path.stem
-    checks: list[Check] = []
-    root = _fixture_dataset_dir(fixture_path, fx)
 
-    expected_valid = sorted(int(i) for i in fx["normals_valid_context_ids"])
-    ours = sorted(normals_valid_context_ids())
-    diff = sorted(set(expected_valid) ^ set(ours))
-    detail = f"differ: {diff[:10]}" if diff else ""
-    checks.append(Check(f"{stem}/normals_valid_context_ids", float(len(diff)), 0.0, not diff, detail))
+def check_dataset(
+    protocol: Protocol,
+    root: str | os.PathLike[str],
+    splits: Sequence[str] = SPLITS,
+    tasks: Sequence[str] | None = None,
+    progress: Callable[[str], Any] | None = None,
+) -> CheckReport:
+    """Check a folder for the protocol's data source (every file of the splits and tasks read and validated)."""
+    source = data_source(protocol)
+    names = protocol.task_names if tasks is None else resolve_tasks(tasks, protocol.task_names)
+    return check_folder(source, root, splits, names, progress)
 
-    transform = build_transforms(int(fx["img_size"]), train=False, uint8_cast="wrap", label_dtype=torch.float64)
-    with tempfile.TemporaryDirectory(prefix="mtpeft-parity-") as cache:
-        ds = PascalMT(root, fx["split"], TASKS, transform, cache_dir=cache, size_mismatch="resize")
-        flags = ds.has_human_parts
-    fx_ids = list(fx["ids"])
-    same_order = ds.ids == fx_ids
-    detail = "" if same_order else f"loader order {ds.ids[:5]}... vs fixture {fx_ids[:5]}..."
-    checks.append(Check(f"{stem}/ids", 0.0 if same_order else 1.0, 0.0, same_order, detail))
-    position = {i: n for n, i in enumerate(ds.ids)}
-    for image_id in fx_ids:
-        expected = fx["samples"][image_id]
-        name = f"{stem}/{image_id}"
-        if image_id not in position:
-            checks.append(Check(name, float("inf"), 0.0, False, "id not in the loader's split"))
-            continue
-        n = position[image_id]
-        sample = ds[n]
-        for key in ("image", *TASKS):
-            tol = image_tol if key == "image" else 0.0
-            d = _max_diff(sample[key], expected[key])
-            detail = f"shape {list(sample[key].shape)} vs {list(expected[key].shape)}" if d == float("inf") else ""
-            checks.append(Check(f"{name}/{key}", d, tol, d <= tol, detail))
-        size = list(expected["meta"]["im_size"])
-        same = sample["meta"]["size"] == size
-        checks.append(Check(f"{name}/meta_size", 0.0 if same else 1.0, 0.0, same, f"ours {sample['meta']['size']}"))
-        raw, fraw = ds.load_raw(n), expected.get("raw", {})
-        pairs = {
-            "image_uint8_hwc": raw["image"],
-            "semseg_uint8_hw": raw["semseg"],
-            "human_parts_uint8_hw": raw["human_parts"],
-            "sal_uint8_hw": raw["sal"],
-        }
-        if "normals_png_uint8_hwc" in fraw and "normals_valid_mask_hw" in fraw:
-            # The fixture stores the raw normals compactly: where(mask, 2 * png / 255 - 1, 0).
-            png = fraw["normals_png_uint8_hwc"].to(torch.float64)
-            mask = fraw["normals_valid_mask_hw"][..., None]
-            fraw = {**fraw, "normals": torch.where(mask, 2.0 * png / 255.0 - 1.0, torch.zeros((), dtype=png.dtype))}
-            pairs["normals"] = raw["normals"]
-        for key, ours_arr in pairs.items():
-            if key in fraw:
-                d = _max_diff(torch.from_numpy(np.array(ours_arr)), fraw[key])
-                checks.append(Check(f"{name}/raw/{key}", d, 0.0, d == 0.0))
-        if "has_human_parts_flag" in expected:
-            ok = bool(flags[n]) == bool(expected["has_human_parts_flag"])
-            checks.append(Check(f"{name}/has_human_parts", 0.0 if ok else 1.0, 0.0, ok))
-    return checks
+
+def dataset_ready(protocol: Protocol, root: str | os.PathLike[str]) -> bool:
+    """Cheap: does ``root`` hold the protocol's train and val splits with every file they list (names only,
+    nothing decoded)? ``check_dataset`` reads the files themselves."""
+    try:
+        for split in (protocol.train_split, protocol.val_split):
+            open_dataset(protocol, root, split)
+    except (DatasetError, OSError):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names that lived here before the data sources had modules of their own (PASCAL's), and the transforms
+
+
+_MOVED = {
+    "benchmark.pascal_data": (
+        "PascalMT", "FILES", "SPLIT_FILE", "TASKS", "HUMAN_PART_GROUPS", "NUM_HUMAN_PARTS", "NUM_SEMSEG_CLASSES",
+        "PERSON_CLASS", "CACHE_ENV", "SIZE_MISMATCH", "PartObject", "default_cache_dir", "human_parts_map",
+        "load_label", "normals_valid_context_ids", "part_categories", "parts_index", "read_labelmap",
+        "read_normals_png", "read_part_objects", "read_sal", "read_semseg", "read_split", "semseg_path",
+        "_normals_valid",
+    ),
+    "benchmark.transforms": ("build_transforms", "MultiTaskTransform"),
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    for module, names in _MOVED.items():
+        if name in names:
+            return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

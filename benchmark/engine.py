@@ -247,11 +247,9 @@ class TrackedDataset(Dataset):
 
     def describe(self, index: int) -> str:
         """The sample's image file where the dataset names it, else its index."""
-        ids, root = getattr(self.inner, "ids", None), getattr(self.inner, "root", None)
-        if ids is not None and root is not None and 0 <= index < len(ids):
-            from benchmark.dataset import FILES
-
-            return f"{Path(root) / FILES['image'].format(id=ids[index])} (sample {index}, id {ids[index]})"
+        ids, image_path = getattr(self.inner, "ids", None), getattr(self.inner, "image_path", None)
+        if ids is not None and image_path is not None and 0 <= index < len(ids):
+            return f"{image_path(index)} (sample {index}, id {ids[index]})"
         return f"sample {index} of {type(self.inner).__name__}"
 
     def loading(self, pids: Sequence[int] | None = None) -> list[str]:

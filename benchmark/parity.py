@@ -3,7 +3,8 @@
 Runs every fixture found in DIR against this implementation and prints one line per check with its
 maximum difference; exits non-zero if any check fails. Fixture kinds (see the fixture README):
 
-- ``dataset_*.pt`` with its dataset folder beside it -> ``benchmark.dataset.parity_checks``
+- ``dataset_*.pt`` with its dataset folder beside it -> ``benchmark.parity_data.parity_checks`` (PASCAL_MT)
+- ``nyud_dataset_*.pt`` with its NYUD_MT folder      -> ``benchmark.parity_data.parity_checks`` (NYUD_MT)
 - ``metrics_*.pt``                                   -> ``benchmark.metrics.parity_checks``
 - ``model_*.pt`` (+ ``model_*_grad.pt``)             -> ``benchmark.official.parity_checks``
 - ``tadformer_*.pt`` (+ ``tadformer_*_grad.pt``)     -> ``benchmark.official.parity_checks`` (TADFormer)
@@ -38,7 +39,8 @@ class Check:
 # fixture kind -> (module with parity_checks(path) -> list[Check], file pattern); modules import lazily so that
 # a kind whose implementation is missing or broken fails on its own, never blocking the others
 CHECKERS: dict[str, tuple[str, str]] = {
-    "dataset": ("benchmark.dataset", "dataset_*.pt"),
+    "dataset": ("benchmark.parity_data", "dataset_*.pt"),
+    "nyud_dataset": ("benchmark.parity_data", "nyud_dataset_*.pt"),
     "metrics": ("benchmark.metrics", "metrics_*.pt"),
     "model": ("benchmark.official", "model_*.pt"),
     "tadformer": ("benchmark.official", "tadformer_*.pt"),  # same checks; the fixture config selects the method

@@ -615,7 +615,9 @@ def data_throughput(
     n = min(n_images, len(ds))
     if n == 0:
         raise PerfError(f"--data {root}: the train split is empty")
-    tf = build_transforms(img, train=True, seed=0)
+    from benchmark.protocol import PASCAL_CONTEXT
+
+    tf = build_transforms(PASCAL_CONTEXT, train=True, seed=0, image_size=img)
     threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)  # what a DataLoader worker gets; OpenCV likewise limited to its worker
     cv2.setNumThreads(1)

@@ -1,4 +1,7 @@
-"""A small generated dataset in the real PASCAL_MT layout (``benchmark-data synth``), for smoke runs and tests.
+"""Small generated datasets in a protocol's real layout (``benchmark-data synth``), for smoke runs and tests.
+
+``make_synthetic_dataset(out, n_train, n_val, seed, protocol=...)`` writes the layout of ``protocol.dataset``
+through its data source (NYUD_MT: ``benchmark.nyud_data.make_synthetic``). The PASCAL_MT generator lives here:
 
 Every file has the real format, so the loader reads it through the same code path as real data: RGB JPEGs,
 ``LabelMap`` uint16 ``.mat`` files, PASCAL-Part ``anno`` structs (1x1 struct with ``imname`` and a 1xN
@@ -31,12 +34,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.io
 from PIL import Image
 
-from benchmark.dataset import FILES, SPLIT_FILE, db_info
+from benchmark.dataset import db_info
+from benchmark.pascal_data import FILES, SPLIT_FILE
+from benchmark.protocol import PASCAL_CONTEXT, Protocol
 
 # Light direction for the shading (unit vector, same (x, y, z) convention as the normals PNGs).
 _LIGHT = np.array([-0.45, -0.55, 0.70]) / np.linalg.norm([-0.45, -0.55, 0.70])
@@ -298,40 +304,60 @@ def _write_sample(root: Path, image_id: str, scene: _Scene, rng: np.random.Gener
     _savemat(target("human_parts"), {"anno": _anno(image_id, scene)})
 
 
+def make_pascal_dataset(
+    out: Path,
+    n_train: int,
+    n_val: int,
+    seed: int = 0,
+    size_range: tuple[int, int] = (40, 120),
+    voc_fraction: float = 0.25,
+) -> Path:
+    """Write a generated PASCAL_MT dataset into the existing empty folder ``out`` (see the module docstring)."""
+    ids = [f"{2008 + k % 4}_{k:06d}" for k in range(n_train + n_val)]
+    order = np.random.default_rng([seed, 10**6]).permutation(len(ids))
+    splits = {"train": [ids[i] for i in sorted(order[:n_train])], "val": [ids[i] for i in sorted(order[n_train:])]}
+    for k, image_id in enumerate(ids):
+        rng = np.random.default_rng([seed, k])
+        scene = _make_scene(rng, size_range)
+        _write_sample(out, image_id, scene, rng, voc=bool(rng.random() < voc_fraction))
+    for split, names in splits.items():
+        path = out / SPLIT_FILE.format(split=split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+    return out
+
+
 def make_synthetic_dataset(
     out: str | os.PathLike[str],
     n_train: int = 64,
     n_val: int = 16,
     seed: int = 0,
+    *,
+    protocol: Protocol = PASCAL_CONTEXT,
     size_range: tuple[int, int] = (40, 120),
-    voc_fraction: float = 0.25,
+    **options: Any,
 ) -> Path:
-    """Write a complete dataset to ``out`` (which must not exist or be an empty folder) and return its path.
+    """Write a complete generated dataset in the layout of ``protocol.dataset`` to ``out`` (which must not exist or
+    be an empty folder) and return its path. ``options`` go to the data source's generator (PASCAL:
+    ``voc_fraction``).
 
     It is built in a temporary folder beside ``out`` and moved into place at the end, so a failure leaves
     nothing behind.
     """
+    from benchmark.dataset import data_source
+
     out = Path(out).expanduser()
     if n_train < 1 or n_val < 1:
         raise ValueError(f"need at least one train and one val image, got n_train={n_train}, n_val={n_val}")
     if not (8 <= size_range[0] <= size_range[1]):
         raise ValueError(f"size_range must be (lo, hi) with 8 <= lo <= hi, got {size_range}")
+    source = data_source(protocol)  # an unknown data source fails before anything is written
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: already exists and is not an empty folder; expected a new output folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        ids = [f"{2008 + k % 4}_{k:06d}" for k in range(n_train + n_val)]
-        order = np.random.default_rng([seed, 10**6]).permutation(len(ids))
-        splits = {"train": [ids[i] for i in sorted(order[:n_train])], "val": [ids[i] for i in sorted(order[n_train:])]}
-        for k, image_id in enumerate(ids):
-            rng = np.random.default_rng([seed, k])
-            scene = _make_scene(rng, size_range)
-            _write_sample(tmp, image_id, scene, rng, voc=bool(rng.random() < voc_fraction))
-        for split, names in splits.items():
-            path = tmp / SPLIT_FILE.format(split=split)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+        source.make_synthetic(tmp, n_train, n_val, seed, protocol, size_range=size_range, **options)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -17,10 +17,55 @@ Adding a task kind: a subclass here plus one line in ``TASK_KINDS``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
+
+import cv2
+import numpy as np
+import torch
 
 from benchmark.protocol import TaskSpec
 from benchmark.registry import Registry
+
+IGNORE = 255  # the ignore value of every label map
+# The official renormalisation of the normals adds the float64 machine epsilon to the norm (np.finfo(np.float).eps).
+NORMALS_EPS = float(np.finfo(np.float64).eps)
+
+
+def label_tensor(arr: np.ndarray, label_dtype: torch.dtype) -> torch.Tensor:
+    """[H, W] or [H, W, C] array -> contiguous [C, H, W] tensor in ``label_dtype``."""
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).to(label_dtype)
+
+
+def _stack(channels: Sequence[np.ndarray]) -> np.ndarray:
+    return channels[0] if len(channels) == 1 else np.stack(channels, axis=-1)
+
+
+def normals_norm(channels: Sequence[np.ndarray]) -> np.ndarray:
+    """Per pixel of the normals' channels (x, y, z, ...): the official sqrt(x**2 + y**2 + z**2) + eps.
+
+    The squares and the root are taken in the channels' dtype; the epsilon is a float64 scalar, so the sum (and the
+    division by it) is float64 whatever that dtype (NumPy >= 2 promotes a float32 array plus a float64 scalar): for
+    float32 normals (NYUD's .npy files) the official code divides in float64 and stores the quotient back into the
+    float32 array. For float64 normals (PASCAL) these are the same operations in the same order as ever."""
+    norm = channels[0] ** 2
+    norm += channels[1] ** 2
+    norm += channels[2] ** 2
+    np.sqrt(norm, out=norm)
+    if norm.dtype != np.float64:
+        norm = norm.astype(np.float64)
+    norm += NORMALS_EPS
+    return norm
+
+
+def zero_length(channels: Sequence[np.ndarray]) -> np.ndarray:
+    """Mask of the zero-length vectors, given their channels (a [C, H, W] array, view or list of planes)."""
+    sq = channels[0] ** 2
+    sq += channels[1] ** 2
+    sq += channels[2] ** 2
+    # The official test is sqrt(sq) == 0; a sum of squares is never negative, so that is sq == 0.
+    return sq == 0
 
 
 class TaskKind:
@@ -30,6 +75,54 @@ class TaskKind:
 
     # ---------------------------------------------------------------------------------------------------------
     # data side (transforms, dataset, synthetic data)
+    # A label reaches the transforms as a NumPy array [H, W] (maps) or [H, W, C] (vectors); the image is not a
+    # task and is handled by the transforms themselves (cubic, uint8 cast, normalisation).
+
+    # OpenCV interpolation of this label in every resize and warp (the official FLAGVALS): maps nearest,
+    # continuous vector fields cubic.
+    interpolation: ClassVar[int] = cv2.INTER_NEAREST
+
+    def flip(self, arr: np.ndarray) -> np.ndarray:
+        """Mirror left-right (a new array)."""
+        return cv2.flip(arr, 1)
+
+    def before_warp(self, arr: np.ndarray, angle: float) -> np.ndarray:
+        """What the label's *values* undergo when the image rotates by ``angle`` degrees (before the warp)."""
+        return arr
+
+    def after_warp(self, arr: np.ndarray, scale: float) -> np.ndarray:
+        """What the label's *values* undergo when the image is zoomed by ``scale`` (after the warp)."""
+        return arr
+
+    def warp(self, arr: np.ndarray, angle: float, scale: float) -> np.ndarray:
+        """Rotate by ``angle`` degrees and zoom by ``scale`` about the centre, same size, constant-0 border."""
+        h, w = arr.shape[:2]
+        matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+        warped = cv2.warpAffine(self.before_warp(arr, angle), matrix, (w, h), flags=self.interpolation)
+        return self.after_warp(warped, scale)
+
+    def resize(self, arr: np.ndarray, size: int) -> np.ndarray:
+        """Resize to (size, size), aspect ratio not kept."""
+        return cv2.resize(arr, (size, size), interpolation=self.interpolation)
+
+    def resize_channels(self, arr: np.ndarray, size: int) -> list[np.ndarray]:
+        """``resize`` as the list of its channels, for ``finish`` (before any renormalisation). One call per
+        channel: for float64 and one-channel maps the same values as one call on [H, W, C], and faster."""
+        planes = list(cv2.split(arr)) if arr.ndim == 3 else [arr]
+        return [cv2.resize(c, (size, size), interpolation=self.interpolation) for c in planes]
+
+    def ignore_regions(self, arr: np.ndarray) -> np.ndarray:
+        """After the resize: the pixels that carry no label become 255 (a new array where anything changes)."""
+        return arr
+
+    def finish(self, channels: list[np.ndarray], label_dtype: torch.dtype) -> torch.Tensor:
+        """The resized channels ([S, S] each, as ``cv2.split`` gives them) -> the label tensor [C, S, S], with the
+        ignore regions (and any renormalisation) applied: what ``resize`` + ``ignore_regions`` + ``tensor`` give."""
+        return self.tensor(self.ignore_regions(_stack(channels)), label_dtype)
+
+    def tensor(self, arr: np.ndarray, label_dtype: torch.dtype) -> torch.Tensor:
+        """Label array after the ignore regions -> [C, S, S] tensor."""
+        return label_tensor(arr, label_dtype)
 
     # ---------------------------------------------------------------------------------------------------------
     # compute side (loss, post-processing, meter)
@@ -47,6 +140,9 @@ class PartsKind(TaskKind):
     name = "parts"
 
     # -- data side
+    def ignore_regions(self, arr: np.ndarray) -> np.ndarray:
+        """A parts map without any part (no person in the image) becomes all 255."""
+        return arr if arr.any() else np.full_like(arr, IGNORE)
 
     # -- compute side
 
@@ -63,6 +159,76 @@ class NormalsKind(TaskKind):
     name = "normals"
 
     # -- data side
+    # Unit vectors [H, W, 3], channel 0 horizontal; a zero vector is invalid.
+    interpolation = cv2.INTER_CUBIC
+
+    def flip(self, arr: np.ndarray) -> np.ndarray:
+        out = cv2.flip(arr, 1)
+        out[..., 0] *= -1.0  # the horizontal component changes sign
+        return out
+
+    def before_warp(self, arr: np.ndarray, angle: float) -> np.ndarray:
+        """In-plane rotation of the vectors, (x, y) -> (x cos a + y sin a, y cos a - x sin a), into a new array.
+
+        No rotation (``angle == 0``, a protocol without rotation) leaves the vectors as they are. The official code
+        still runs its rotation formula then (atan2 / sin / cos in the array's dtype), which moves float32 normals
+        by rounding only (the NYUD fixture records it: about one float32 ulp at 1)."""
+        if angle == 0:
+            return arr
+        a = np.deg2rad(angle)
+        cos, sin = np.cos(a), np.sin(a)
+        x, y = arr[..., 0], arr[..., 1]
+        new_x = x * cos
+        new_x += y * sin
+        new_y = y * cos
+        new_y -= x * sin
+        out = np.empty(arr.shape, arr.dtype)
+        out[..., 0], out[..., 1], out[..., 2:] = new_x, new_y, arr[..., 2:]
+        return out
+
+    def _cubic(self, arr: np.ndarray, size: int) -> np.ndarray:
+        """[H, W, 3] -> [S, S, 3], cubic. float64 vectors as one call (= one call per channel, the fast path). Other
+        dtypes (NYUD's float32 files) through a zero fourth channel: OpenCV hands float32 cubic resizes to Intel
+        IPP, whose rounding depends on the channel count and on the CPU code path it picks (one call per channel
+        differs from a 3-channel call at most pixels; with IPP off every layout differs from the official values
+        at most pixels). On the machines this was checked on, a 4-channel call reproduces the official 3-channel
+        results of the NYUD fixture at every pixel (all val images and train examples), where a 3-channel call
+        differs by one float32 ulp at one column of some widths."""
+        if arr.dtype == np.float64:
+            return cv2.resize(arr, (size, size), interpolation=self.interpolation)
+        padded = np.concatenate([arr, np.zeros_like(arr[..., :1])], axis=-1)
+        return np.ascontiguousarray(cv2.resize(padded, (size, size), interpolation=self.interpolation)[..., :3])
+
+    def resize(self, arr: np.ndarray, size: int) -> np.ndarray:
+        """Cubic resize, then renormalised to unit length in the label's dtype (``normals_norm``)."""
+        arr = self._cubic(arr, size)
+        return (arr / normals_norm(arr.transpose(2, 0, 1))[..., None]).astype(arr.dtype, copy=False)
+
+    def resize_channels(self, arr: np.ndarray, size: int) -> list[np.ndarray]:
+        if arr.dtype == np.float64:
+            return super().resize_channels(arr, size)
+        return list(cv2.split(self._cubic(arr, size)))
+
+    def ignore_regions(self, arr: np.ndarray) -> np.ndarray:
+        """Vectors of length exactly 0 after the resize and renormalisation -> 255 in all three channels."""
+        out = arr.copy()
+        np.copyto(out, IGNORE, where=zero_length(arr.transpose(2, 0, 1))[..., None])
+        return out
+
+    def finish(self, channels: list[np.ndarray], label_dtype: torch.dtype) -> torch.Tensor:
+        # renormalised straight into the [C, S, S] layout of the tensor; the same operations as resize() +
+        # ignore_regions() + tensor()
+        norm = normals_norm(channels)
+        size = channels[0].shape
+        normals = np.empty((len(channels), *size), channels[0].dtype)
+        if normals.dtype == norm.dtype:
+            for c, channel in enumerate(channels):
+                np.divide(channel, norm, out=normals[c])
+        else:  # the quotient in float64, stored into the label's dtype (as the official code does)
+            for c, channel in enumerate(channels):
+                normals[c] = channel / norm
+        np.copyto(normals, IGNORE, where=zero_length(normals))  # much faster than normals[:, mask] = 255
+        return torch.from_numpy(normals).to(label_dtype)
 
     # -- compute side
 
@@ -71,6 +237,16 @@ class DepthKind(TaskKind):
     name = "depth"
 
     # -- data side
+    # Metres [H, W], 0 = missing. Nearest everywhere, so a missing pixel never blends into its neighbours.
+
+    def after_warp(self, arr: np.ndarray, scale: float) -> np.ndarray:
+        """A zoom by ``scale`` brings the scene closer: depth divided by the scale (the official ScaleNRotate), in
+        the label's dtype."""
+        return arr / scale
+
+    def ignore_regions(self, arr: np.ndarray) -> np.ndarray:
+        """Missing depth (0) -> 255."""
+        return np.where(arr == 0, np.asarray(IGNORE, arr.dtype), arr)
 
     # -- compute side
 

@@ -1,16 +1,17 @@
-"""Train and val transforms of the PASCAL-Context multi-task protocol (docs/protocol.md 2.2, 2.3).
+"""Train and val transforms of a protocol (docs/protocol.md 2.2, 2.3): the same family for every protocol.
 
-A raw sample is a dict of NumPy arrays as ``benchmark.dataset.PascalMT.load_raw`` returns them: ``image`` float64
-[H, W, 3] (0..255), ``semseg``/``human_parts``/``sal`` uint8 [H, W], ``normals`` float64 [H, W, 3] (unit vectors,
-0 where invalid). A transform turns it into tensors: ``image`` float32 [3, S, S] (ImageNet-normalised), labels
-[C, S, S] in ``label_dtype`` (float32 by default; float64 is what the official loader gives and what the parity
-check uses; every label value is exact in float32 except the normals, which differ by float32 rounding only).
+A raw sample is a dict of NumPy arrays as a dataset module's ``load_raw`` returns it: ``image`` float64 [H, W, 3]
+(0..255) and one entry per task of the protocol, named as the task. What happens to a task's entry is decided by its
+task kind (``benchmark.tasks``: interpolation, flip, zoom/rotation, ignore regions, tensor layout); this module
+names no task. A transform turns the sample into tensors: ``image`` float32 [3, S, S] (normalised with the
+protocol's mean/std), labels [C, S, S] in ``label_dtype`` (float32 by default; float64 is what the official loaders
+give and what the parity checks use).
 
-Order (train): horizontal flip (p=0.5, normal x negated) -> scale 0.75-1.25 and rotation +-20 degrees about the
-centre with a constant-0 border (0 is *background* for semseg/parts, a zero i.e. ignored normal) -> resize to
-(S, S) without keeping the aspect ratio (normals renormalised) -> ignore regions -> tensors -> normalisation.
-Val is the same without the first two steps. All resampling is OpenCV's, as in the official code: image and
-normals cubic, semseg/human_parts/sal nearest.
+Order (train): horizontal flip (with the protocol's ``flip_prob``) -> zoom about the centre by a scale drawn from
+the protocol's ``scale`` range (uniform) or its ``scale_choices`` (equal odds), and a rotation drawn from its
+``rotation`` range (``(0, 0)``: none), constant-0 border -> resize to (S, S) without keeping the aspect ratio ->
+ignore regions -> tensors -> normalisation. Val is the same without the first two steps. All resampling is
+OpenCV's, as in the official code: the image cubic, each label with its kind's interpolation.
 
 uint8 cast of the image
 -----------------------
@@ -28,51 +29,60 @@ with ``astype(np.uint8)``: C truncation toward zero, and on x86-64 values below 
 Randomness
 ----------
 A train transform holds a base ``seed``; the dataset calls it with ``(epoch, index)`` and every draw comes from
-``numpy.random.default_rng([seed, epoch, index])``. A sample's augmentation therefore depends only on those three
-numbers, not on the data-loader worker that produced it or on the order of loading.
+``numpy.random.default_rng([seed, epoch, index])``: always three uniforms (flip, rotation, scale), whatever the
+protocol's ranges, so a sample's augmentation depends only on those three numbers, not on the data-loader worker
+that produced it or on the order of loading. ``MultiTaskTransform.apply`` takes the draws as arguments: the parity
+checks force them through it (the same code path as a random draw).
 
 Implementation
 --------------
-``MultiTaskTransform.__call__`` applies the same steps as the step functions below, one entry at a time, with
-fewer copies and passes: the normals are rotated straight into a new array, the resize works on one channel at a
-time, the normals are renormalised straight into the [C, S, S] layout of their tensor, and the image normalisation
-(uint8 -> float32 ``/ 255``, ``- mean``, ``/ std``) is a lookup table of the 256 possible values built with the
-same float32 torch operations. The arithmetic is unchanged (the same OpenCV calls with the same flags on float64
-data, the same NumPy operations in the same order), so the tensors are bitwise those of the plain step-by-step
-implementation that ``tests/test_transforms_fast.py`` keeps as its reference.
+``MultiTaskTransform.apply`` applies the same steps as the step functions below, one entry at a time, with fewer
+copies and passes: the resize works on one channel at a time, the kind's ``finish`` turns the resized channels into
+the tensor (the normals renormalised straight into the [C, S, S] layout), and the image normalisation (uint8 ->
+float32 ``/ 255``, ``- mean``, ``/ std``) is a lookup table of the 256 possible values built with the same float32
+torch operations. The arithmetic is unchanged (the same OpenCV calls with the same flags, the same NumPy operations
+in the same order), so the tensors are bitwise those of the plain step-by-step implementation that
+``tests/test_transforms_fast.py`` keeps as its reference.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cache
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 import torch
 
+from benchmark.protocol import Protocol, TaskSpec
+from benchmark.tasks import IGNORE, TaskKind, kind_of, label_tensor
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 UINT8_CASTS = ("clamp", "wrap")
-IGNORE = 255
+IMAGE = "image"  # the one entry that is not a task
+IMAGE_INTERPOLATION = cv2.INTER_CUBIC
 
-# OpenCV interpolation per entry (the official FLAGVALS): continuous signals cubic, label maps nearest.
-INTERPOLATION = {
-    "image": cv2.INTER_CUBIC,
-    "semseg": cv2.INTER_NEAREST,
-    "human_parts": cv2.INTER_NEAREST,
-    "sal": cv2.INTER_NEAREST,
-    "normals": cv2.INTER_CUBIC,
-}
-# The official renormalisation adds the float64 machine epsilon to the norm (np.finfo(np.float).eps).
-_NORMALS_EPS = float(np.finfo(np.float64).eps)
+__all__ = [
+    "IGNORE", "IMAGENET_MEAN", "IMAGENET_STD", "UINT8_CASTS", "Draw", "MultiTaskTransform", "add_ignore_regions",
+    "build_transforms", "cast_uint8", "entry_kinds", "hflip", "resize", "sample_rng", "scale_rotate", "to_tensors",
+]  # fmt: skip
+
+TaskList = Protocol | Sequence[TaskSpec]
 
 
-def _entries(sample: dict[str, np.ndarray]) -> list[str]:
-    unknown = sorted(set(sample) - set(INTERPOLATION))
+def entry_kinds(tasks: TaskList) -> dict[str, TaskKind]:
+    """{task name: its task kind} for a protocol or a list of its TaskSpecs."""
+    specs = tasks.tasks if isinstance(tasks, Protocol) else tuple(tasks)
+    return {t.name: kind_of(t) for t in specs}
+
+
+def _entries(sample: Mapping[str, np.ndarray], kinds: Mapping[str, TaskKind]) -> list[str]:
+    unknown = sorted(set(sample) - set(kinds) - {IMAGE})
     if unknown:
-        raise KeyError(f"transform got unknown sample entries {unknown}; known: {sorted(INTERPOLATION)}")
+        raise KeyError(f"transform got unknown sample entries {unknown}; known: {[IMAGE, *kinds]}")
     return list(sample)
 
 
@@ -80,58 +90,16 @@ def _entries(sample: dict[str, np.ndarray]) -> list[str]:
 # One entry at a time ([H, W, C] or [H, W] arrays); shared by the step functions and MultiTaskTransform
 
 
-def _flip_entry(key: str, arr: np.ndarray) -> np.ndarray:
-    out = cv2.flip(arr, 1)
-    if key == "normals":
-        out[..., 0] *= -1.0
-    return out
+def _flip_entry(kind: TaskKind | None, arr: np.ndarray) -> np.ndarray:
+    return cv2.flip(arr, 1) if kind is None else kind.flip(arr)
 
 
-def _rotate_normal_vectors(arr: np.ndarray, angle: float) -> np.ndarray:
-    """(x, y) -> (x cos a + y sin a, y cos a - x sin a) into a new array; the other channels are copied."""
-    a = np.deg2rad(angle)
-    cos, sin = np.cos(a), np.sin(a)
-    x, y = arr[..., 0], arr[..., 1]
-    new_x = x * cos
-    new_x += y * sin
-    new_y = y * cos
-    new_y -= x * sin
-    out = np.empty(arr.shape, arr.dtype)
-    out[..., 0], out[..., 1], out[..., 2:] = new_x, new_y, arr[..., 2:]
-    return out
-
-
-def _scale_rotate_entry(key: str, arr: np.ndarray, angle: float, scale: float) -> np.ndarray:
+def _warp_entry(kind: TaskKind | None, arr: np.ndarray, angle: float, scale: float) -> np.ndarray:
+    if kind is not None:
+        return kind.warp(arr, angle, scale)
     h, w = arr.shape[:2]
     matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
-    if key == "normals":
-        arr = _rotate_normal_vectors(arr, angle)
-    return cv2.warpAffine(arr, matrix, (w, h), flags=INTERPOLATION[key])
-
-
-def _normals_norm(channels: Sequence[np.ndarray]) -> np.ndarray:
-    """Per pixel of the normals' channels (x, y, z, ...): the official sqrt(x**2 + y**2 + z**2) + eps, with the same
-    operations in the same order."""
-    norm = channels[0] ** 2
-    norm += channels[1] ** 2
-    norm += channels[2] ** 2
-    np.sqrt(norm, out=norm)
-    norm += _NORMALS_EPS
-    return norm
-
-
-def _zero_length(channels: Sequence[np.ndarray]) -> np.ndarray:
-    """Mask of the zero-length vectors, given their channels (a [C, H, W] array, view or list of planes)."""
-    sq = channels[0] ** 2
-    sq += channels[1] ** 2
-    sq += channels[2] ** 2
-    # The official test is sqrt(sq) == 0; a sum of squares is never negative, so that is sq == 0.
-    return sq == 0
-
-
-def _parts_or_ignore(arr: np.ndarray) -> np.ndarray:
-    """A human_parts map without any part (no person in the image) becomes all 255."""
-    return arr if arr.any() else np.full_like(arr, IGNORE)
+    return cv2.warpAffine(arr, matrix, (w, h), flags=IMAGE_INTERPOLATION)
 
 
 @cache
@@ -165,48 +133,46 @@ def _split(arr: np.ndarray) -> list[np.ndarray]:
     return list(cv2.split(arr)) if arr.ndim == 3 else [arr]
 
 
-def _label_tensor(arr: np.ndarray, label_dtype: torch.dtype) -> torch.Tensor:
-    arr = arr[..., None] if arr.ndim == 2 else arr
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).to(label_dtype)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The steps on whole samples
 
 
-def hflip(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Mirror every entry left-right; the normals' x component changes sign."""
-    return {key: _flip_entry(key, sample[key]) for key in _entries(sample)}
+def hflip(sample: Mapping[str, np.ndarray], tasks: TaskList) -> dict[str, np.ndarray]:
+    """Mirror every entry left-right, each label as its kind says (the normals' x component changes sign)."""
+    kinds = entry_kinds(tasks)
+    return {key: _flip_entry(kinds.get(key), sample[key]) for key in _entries(sample, kinds)}
 
 
-def scale_rotate(sample: dict[str, np.ndarray], angle: float, scale: float) -> dict[str, np.ndarray]:
+def scale_rotate(
+    sample: Mapping[str, np.ndarray], tasks: TaskList, angle: float, scale: float
+) -> dict[str, np.ndarray]:
     """Rotate by ``angle`` degrees (OpenCV sign: counter-clockwise) and scale about the centre, same output size.
 
-    The border is constant 0. Normal vectors are also rotated in the image plane by the same angle, in the
-    direction the official code uses: (x, y) -> (x cos a + y sin a, y cos a - x sin a).
+    The border is constant 0. Each label's values follow its kind: normal vectors rotate in the image plane by the
+    same angle, (x, y) -> (x cos a + y sin a, y cos a - x sin a), the official direction; depth is divided by the
+    scale.
     """
-    return {key: _scale_rotate_entry(key, sample[key], angle, scale) for key in _entries(sample)}
+    kinds = entry_kinds(tasks)
+    return {key: _warp_entry(kinds.get(key), sample[key], angle, scale) for key in _entries(sample, kinds)}
 
 
-def resize(sample: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+def resize(sample: Mapping[str, np.ndarray], tasks: TaskList, size: int) -> dict[str, np.ndarray]:
     """Resize every entry to (size, size), aspect ratio not kept; normals renormalised to unit length."""
+    kinds = entry_kinds(tasks)
     out = {}
-    for key in _entries(sample):
-        arr = cv2.resize(sample[key], (size, size), interpolation=INTERPOLATION[key])
-        out[key] = arr / _normals_norm(arr.transpose(2, 0, 1))[..., None] if key == "normals" else arr
+    for key in _entries(sample, kinds):
+        kind = kinds.get(key)
+        if kind is None:
+            out[key] = cv2.resize(sample[key], (size, size), interpolation=IMAGE_INTERPOLATION)
+        else:
+            out[key] = kind.resize(sample[key], size)
     return out
 
 
-def add_ignore_regions(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Zero normals -> 255 in all three channels; a human_parts map without any part -> all 255."""
-    out = dict(sample)
-    if "normals" in out:
-        arr = out["normals"].copy()
-        np.copyto(arr, IGNORE, where=_zero_length(arr.transpose(2, 0, 1))[..., None])
-        out["normals"] = arr
-    if "human_parts" in out:
-        out["human_parts"] = _parts_or_ignore(out["human_parts"])
-    return out
+def add_ignore_regions(sample: Mapping[str, np.ndarray], tasks: TaskList) -> dict[str, np.ndarray]:
+    """Each label's unlabelled pixels -> 255, as its kind says (zero normals, a parts map without parts, depth 0)."""
+    kinds = entry_kinds(tasks)
+    return {key: sample[key] if key not in kinds else kinds[key].ignore_regions(sample[key]) for key in sample}
 
 
 def cast_uint8(image: np.ndarray, mode: str = "clamp") -> np.ndarray:
@@ -221,7 +187,7 @@ def cast_uint8(image: np.ndarray, mode: str = "clamp") -> np.ndarray:
 
 
 def to_tensors(
-    sample: dict[str, np.ndarray],
+    sample: Mapping[str, np.ndarray],
     uint8_cast: str = "clamp",
     label_dtype: torch.dtype = torch.float32,
     mean: Sequence[float] = IMAGENET_MEAN,
@@ -230,11 +196,11 @@ def to_tensors(
     """HWC arrays -> CHW tensors; the image goes through the uint8 cast, /255 and mean/std normalisation."""
     out = {}
     for key, arr in sample.items():
-        if key == "image":
+        if key == IMAGE:
             # Same float32 arithmetic as torchvision's ToTensor + Normalize (through the lookup table).
             out[key] = _image_tensor(_split(cast_uint8(arr, uint8_cast)), mean, std)
         else:
-            out[key] = _label_tensor(arr, label_dtype)
+            out[key] = label_tensor(arr, label_dtype)
     return out
 
 
@@ -243,71 +209,127 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), int(index)])
 
 
+class Draw(NamedTuple):
+    """The random choices of one train sample."""
+
+    flip: bool
+    angle: float  # degrees
+    scale: float
+
+
+NO_DRAW = Draw(False, 0.0, 1.0)
+
+
 @dataclass(frozen=True)
 class MultiTaskTransform:
-    """Callable ``(raw sample, epoch, index) -> tensors`` for train (random) or val (deterministic)."""
+    """Callable ``(raw sample, epoch, index) -> tensors`` for train (random) or val (deterministic).
+
+    ``tasks`` pairs each task entry with its task kind's name; the augmentation fields are the protocol's
+    (``build_transforms`` copies them from it)."""
 
     image_size: int
     train: bool
+    tasks: tuple[tuple[str, str], ...]  # (entry name, task-kind name)
     seed: int = 0
     uint8_cast: str = "clamp"
     label_dtype: torch.dtype = torch.float32
     flip_prob: float = 0.5
-    rotation: tuple[float, float] = (-20.0, 20.0)
-    scale: tuple[float, float] = (0.75, 1.25)
+    rotation: tuple[float, float] = (0.0, 0.0)
+    scale: tuple[float, float] = (1.0, 1.0)
+    scale_choices: tuple[float, ...] | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    _kinds: dict[str, TaskKind] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        from benchmark.tasks import TASK_KINDS
+
         if self.uint8_cast not in UINT8_CASTS:
             raise ValueError(f"uint8_cast must be one of {UINT8_CASTS}, got {self.uint8_cast!r}")
         if int(self.image_size) < 1:
             raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
+        if not 0.0 <= float(self.flip_prob) <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob!r}")
+        if self.scale_choices is not None and (
+            not self.scale_choices or any(not float(c) > 0 for c in self.scale_choices)
+        ):
+            raise ValueError(f"scale_choices must be positive zooms, got {self.scale_choices!r}")
+        if not 0 < float(self.scale[0]) <= float(self.scale[1]):
+            raise ValueError(f"scale must be a range (lo, hi) with 0 < lo <= hi, got {self.scale!r}")
+        if float(self.rotation[0]) > float(self.rotation[1]):
+            raise ValueError(f"rotation must be a range (lo, hi) with lo <= hi, got {self.rotation!r}")
+        object.__setattr__(self, "_kinds", {name: TASK_KINDS.get(kind) for name, kind in self.tasks})
 
-    def draw(self, epoch: int, index: int) -> tuple[bool, float, float]:
+    def draw(self, epoch: int, index: int) -> Draw:
         """(flip, angle in degrees, scale) for one sample; always three draws so they stay aligned."""
         rng = sample_rng(self.seed, epoch, index)
         u_flip, u_rot, u_scale = rng.random(3)
         lo, hi = self.rotation
-        slo, shi = self.scale
-        return bool(u_flip < self.flip_prob), lo + (hi - lo) * u_rot, slo + (shi - slo) * u_scale
+        # rotation (0, 0): no rotation at all (the angle is exactly 0, not a draw from an empty range)
+        angle = 0.0 if lo == hi == 0 else lo + (hi - lo) * u_rot
+        if self.scale_choices is not None:  # equal odds: the k-th of n choices for u in [k/n, (k+1)/n)
+            n = len(self.scale_choices)
+            scale = float(self.scale_choices[min(int(u_scale * n), n - 1)])
+        else:
+            slo, shi = self.scale
+            scale = slo + (shi - slo) * u_scale
+        return Draw(bool(u_flip < self.flip_prob), angle, scale)
 
-    def __call__(self, sample: dict[str, np.ndarray], epoch: int = 0, index: int = 0) -> dict[str, torch.Tensor]:
+    def __call__(self, sample: Mapping[str, np.ndarray], epoch: int = 0, index: int = 0) -> dict[str, torch.Tensor]:
+        return self.apply(sample, self.draw(epoch, index) if self.train else None)
+
+    def apply(self, sample: Mapping[str, np.ndarray], draw: Draw | None) -> dict[str, torch.Tensor]:
+        """The transform with the given draws (``None``: the val path, no flip and no warp). Train uses
+        ``draw(epoch, index)``; a parity check passes the official run's draws."""
         # hflip -> scale_rotate -> resize -> add_ignore_regions -> to_tensors, one entry at a time
         size = int(self.image_size)
-        flip, angle, scale = self.draw(epoch, index) if self.train else (False, 0.0, 1.0)
         out = {}
-        for key in _entries(sample):
+        for key in _entries(sample, self._kinds):
+            kind = self._kinds.get(key)
             arr = sample[key]
-            if flip:
-                arr = _flip_entry(key, arr)
-            if self.train:
-                arr = _scale_rotate_entry(key, arr, angle, scale)
-            # Resized one channel at a time: the same result as resizing [H, W, C] at once (each channel is
-            # resampled with the same coefficients) and faster for float64 maps. The warp above stays on
-            # [H, W, C]: there, one call for three channels is faster than three calls.
-            channels = [cv2.resize(c, (size, size), interpolation=INTERPOLATION[key]) for c in _split(arr)]
-            if key == "image":
+            if draw is not None:
+                if draw.flip:
+                    arr = _flip_entry(kind, arr)
+                arr = _warp_entry(kind, arr, draw.angle, draw.scale)
+            if kind is None:
+                # Resized one channel at a time: the same result as resizing the float64 [H, W, 3] at once (each
+                # channel is resampled with the same coefficients), and faster. The warp above stays on [H, W, C]:
+                # there, one call for three channels is faster than three calls.
+                channels = [cv2.resize(c, (size, size), interpolation=IMAGE_INTERPOLATION) for c in _split(arr)]
                 out[key] = _image_tensor([cast_uint8(c, self.uint8_cast) for c in channels], self.mean, self.std)
-            elif key == "normals":
-                norm = _normals_norm(channels)
-                normals = np.empty((len(channels), size, size), np.result_type(channels[0], norm))
-                for c, channel in enumerate(channels):
-                    np.divide(channel, norm, out=normals[c])
-                np.copyto(normals, IGNORE, where=_zero_length(normals))  # much faster than normals[:, mask] = 255
-                out[key] = torch.from_numpy(normals).to(self.label_dtype)
             else:
-                arr = channels[0] if len(channels) == 1 else np.stack(channels, axis=-1)
-                out[key] = _label_tensor(_parts_or_ignore(arr) if key == "human_parts" else arr, self.label_dtype)
+                out[key] = kind.finish(kind.resize_channels(arr, size), self.label_dtype)
         return out
 
 
 def build_transforms(
-    image_size: int,
+    protocol: Protocol,
     train: bool,
     seed: int = 0,
     uint8_cast: str = "clamp",
     label_dtype: torch.dtype = torch.float32,
+    image_size: int | None = None,
 ) -> MultiTaskTransform:
-    """The protocol's train (``train=True``) or val transforms at ``image_size`` x ``image_size``."""
-    return MultiTaskTransform(int(image_size), bool(train), int(seed), uint8_cast, label_dtype)
+    """The protocol's train (``train=True``) or val transforms at ``image_size`` x ``image_size`` (default: the
+    protocol's), with the protocol's tasks and augmentation (flip_prob, rotation, scale / scale_choices, mean, std).
+    """
+    if not isinstance(protocol, Protocol):
+        raise TypeError(
+            f"build_transforms takes the protocol (benchmark.protocol.Protocol), got {type(protocol).__name__}; "
+            "pass image_size= for another size"
+        )
+    p = protocol
+    return MultiTaskTransform(
+        image_size=int(p.image_size if image_size is None else image_size),
+        train=bool(train),
+        tasks=tuple((t.name, t.kind) for t in p.tasks),
+        seed=int(seed),
+        uint8_cast=uint8_cast,
+        label_dtype=label_dtype,
+        flip_prob=float(p.flip_prob),
+        rotation=(float(p.rotation[0]), float(p.rotation[1])),
+        scale=(float(p.scale[0]), float(p.scale[1])),
+        scale_choices=None if p.scale_choices is None else tuple(float(c) for c in p.scale_choices),
+        mean=tuple(float(v) for v in p.mean),
+        std=tuple(float(v) for v in p.std),
+    )

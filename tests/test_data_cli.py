@@ -47,7 +47,7 @@ def test_synth_cli(tmp_path, capsys):
     assert len((out / "ImageSets/Context/train.txt").read_text().split()) == 3
     assert main(["check", str(out)]) == 0
     assert "OK: usable" in capsys.readouterr().out
-    assert main(["synth", "--out", str(out), "--train", "3", "--val", "2"]) == 1
+    assert main(["synth", "--out", str(out), "--train", "3", "--val", "2"]) == 2
     err = capsys.readouterr().err
     assert str(out) in err and "not an empty folder" in err and "Traceback" not in err
 
@@ -67,7 +67,7 @@ def test_check_reports_problems_per_split_and_task(small, tmp_path, capsys):
     arr[0, 0] = 40
     Image.fromarray(arr).save(semseg)
 
-    assert main(["check", str(root)]) == 1
+    assert main(["check", str(root)]) == 2
     captured = capsys.readouterr()
     out = captured.out
     assert re.search(rf"val/normals: 2 missing: {val[0]}, {val[1]}", out), out
@@ -81,12 +81,12 @@ def test_check_reports_problems_per_split_and_task(small, tmp_path, capsys):
 
 
 def test_check_bad_arguments(tmp_path, capsys):
-    assert main(["check", str(tmp_path / "nope")]) == 1
+    assert main(["check", str(tmp_path / "nope")]) == 2
     assert "dataset folder not found" in capsys.readouterr().err
-    assert main(["check", str(tmp_path), "--tasks", "depth"]) == 1
+    assert main(["check", str(tmp_path), "--tasks", "depth"]) == 2
     assert "unknown tasks ['depth']" in capsys.readouterr().err
     (tmp_path / "ImageSets/Context").mkdir(parents=True)
-    assert main(["check", str(tmp_path)]) == 1
+    assert main(["check", str(tmp_path)]) == 2
     assert "split file not found" in capsys.readouterr().out
 
 
@@ -94,7 +94,7 @@ def test_console_script_exit_code_and_message(tmp_path):
     exe = Path(sys.executable).with_name("benchmark-data")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "benchmark.data_cli"]
     proc = subprocess.run([*cmd, "check", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "dataset folder not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -191,7 +191,7 @@ def test_fetch_resumes_a_truncated_download(small, server, tmp_path, capsys):
     server.cuts = [half]
     dest = tmp_path / "data"
     digest = hashlib.sha256(server.payload).hexdigest()
-    assert main(["fetch", "--dest", str(dest), "--url", _url(server), "--sha256", digest]) == 1
+    assert main(["fetch", "--dest", str(dest), "--url", _url(server), "--sha256", digest]) == 2
     err = capsys.readouterr().err
     assert f"interrupted after {half} of {len(server.payload)} bytes" in err and "resume" in err
     assert (dest / "PASCAL_MT.tgz.part").stat().st_size == half
@@ -215,12 +215,12 @@ def test_fetch_complete_part_file(small, server, tmp_path):
 def test_fetch_wrong_checksum_extracts_nothing(small, server, tmp_path, capsys):
     server.payload = _tarball(small)
     dest = tmp_path / "data"
-    assert main(["fetch", "--dest", str(dest), "--url", _url(server), "--sha256", "0" * 64]) == 1
+    assert main(["fetch", "--dest", str(dest), "--url", _url(server), "--sha256", "0" * 64]) == 2
     err = capsys.readouterr().err
     assert "does not match" in err and "nothing was extracted" in err and "Traceback" not in err
     # the download is set aside, never reused: the next fetch downloads again
     assert sorted(p.name for p in dest.iterdir()) == ["PASCAL_MT.tgz.rejected", "PASCAL_MT.tgz.url"]
-    assert main(["fetch", "--dest", str(dest), "--url", _url(server), "--sha256", "xyz"]) == 1
+    assert main(["fetch", "--dest", str(dest), "--url", _url(server), "--sha256", "xyz"]) == 2
     assert "64 hexadecimal digits" in capsys.readouterr().err
 
 
@@ -233,7 +233,7 @@ def test_fetch_refuses_paths_outside_dest(server, tmp_path, capsys):
             tar.addfile(info, io.BytesIO(b"abc"))
     server.payload = buf.getvalue()
     dest = tmp_path / "sub" / "data"
-    assert main(["fetch", "--dest", str(dest), "--url", _url(server, "evil.tgz")]) == 1
+    assert main(["fetch", "--dest", str(dest), "--url", _url(server, "evil.tgz")]) == 2
     assert "outside the destination" in capsys.readouterr().err
     assert not (tmp_path / "sub" / "evil.txt").exists() and not (dest / "PASCAL_MT").exists()
     assert sorted(p.name for p in dest.iterdir()) == ["evil.tgz", "evil.tgz.url"]
@@ -241,9 +241,9 @@ def test_fetch_refuses_paths_outside_dest(server, tmp_path, capsys):
 
 def test_fetch_http_error(server, tmp_path, capsys):
     server.payload = b"x"
-    assert main(["fetch", "--dest", str(tmp_path / "d"), "--url", _url(server, "missing.tgz")]) == 1
+    assert main(["fetch", "--dest", str(tmp_path / "d"), "--url", _url(server, "missing.tgz")]) == 2
     err = capsys.readouterr().err
     assert "HTTP 404" in err and "missing.tgz" in err
     assert list((tmp_path / "d").iterdir()) == []
-    assert main(["fetch", "--dest", str(tmp_path / "d"), "--url", "ftp://127.0.0.1/x.tgz"]) == 1
+    assert main(["fetch", "--dest", str(tmp_path / "d"), "--url", "ftp://127.0.0.1/x.tgz"]) == 2
     assert "expected an http(s) URL" in capsys.readouterr().err

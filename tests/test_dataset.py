@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import benchmark.dataset as dataset_mod
+import benchmark.pascal_data as dataset_mod
 from benchmark.dataset import (
     FILES,
     TASKS,
@@ -23,8 +23,9 @@ from benchmark.dataset import (
     collate,
     default_cache_dir,
     normals_valid_context_ids,
-    parity_checks,
 )
+from benchmark.parity_data import parity_checks
+from benchmark.protocol import PASCAL_CONTEXT
 from benchmark.transforms import build_transforms
 
 
@@ -77,8 +78,16 @@ def test_valid_context_ids_match_fixture(fixture_dir):
 def test_wrap_matches_everywhere_and_clamp_only_off_the_marked_pixels(fixture_dir, tmp_path):
     fx = _fixture(fixture_dir)
     size = int(fx["img_size"])
-    wrap = PascalMT(_tiny(fixture_dir), fx["split"], TASKS, build_transforms(size, False, uint8_cast="wrap"), tmp_path)
-    clamp = PascalMT(_tiny(fixture_dir), fx["split"], TASKS, build_transforms(size, False), tmp_path)
+    wrap = PascalMT(
+        _tiny(fixture_dir),
+        fx["split"],
+        TASKS,
+        build_transforms(PASCAL_CONTEXT, False, uint8_cast="wrap", image_size=size),
+        tmp_path,
+    )
+    clamp = PascalMT(
+        _tiny(fixture_dir), fx["split"], TASKS, build_transforms(PASCAL_CONTEXT, False, image_size=size), tmp_path
+    )
     assert wrap.ids == list(fx["ids"])
     total_marked = 0
     for n, image_id in enumerate(wrap.ids):
@@ -100,7 +109,9 @@ def test_wrap_matches_everywhere_and_clamp_only_off_the_marked_pixels(fixture_di
 
 
 def test_collate_and_dataloader(fixture_dir, tmp_path):
-    ds = PascalMT(_tiny(fixture_dir), "val", ("semseg", "sal"), build_transforms(32, False), tmp_path)
+    ds = PascalMT(
+        _tiny(fixture_dir), "val", ("semseg", "sal"), build_transforms(PASCAL_CONTEXT, False, image_size=32), tmp_path
+    )
     batch = next(iter(DataLoader(ds, batch_size=3, collate_fn=collate)))
     assert set(batch) == {"image", "semseg", "sal", "meta"}
     assert batch["image"].shape == (3, 3, 32, 32) and batch["semseg"].shape == (3, 1, 32, 32)
@@ -117,7 +128,7 @@ def test_semseg_only_needs_no_other_label_files(fixture_dir, tmp_path):
     root = _copy(_tiny(fixture_dir), tmp_path / "ds")
     for folder in ("normals_distill", "pascal-context", "human_parts", "sal_distill"):
         shutil.rmtree(root / folder)
-    ds = PascalMT(root, "val", ["semseg"], build_transforms(16, False), tmp_path / "cache")
+    ds = PascalMT(root, "val", ["semseg"], build_transforms(PASCAL_CONTEXT, False, image_size=16), tmp_path / "cache")
     assert set(ds[0]) == {"image", "semseg", "meta"}
     with pytest.raises(DatasetNotFoundError) as err:
         PascalMT(root, "val", TASKS, None, tmp_path / "cache")
@@ -194,7 +205,9 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 
 
 def test_epoch_and_workers_reproducible(fixture_dir, tmp_path):
-    ds = PascalMT(_tiny(fixture_dir), "val", TASKS, build_transforms(24, True, seed=3), tmp_path)
+    ds = PascalMT(
+        _tiny(fixture_dir), "val", TASKS, build_transforms(PASCAL_CONTEXT, True, seed=3, image_size=24), tmp_path
+    )
 
     def run(workers: int) -> list[torch.Tensor]:
         loader = DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=collate, timeout=60 if workers else 0)
@@ -307,7 +320,7 @@ def test_bad_input_gives_one_clear_error(case, fixture_dir, tmp_path):
     before = _snapshot(root) if root.exists() else None
     cache = tmp_path / "cache"
     with pytest.raises(DatasetError) as err:
-        ds = PascalMT(root, "val", TASKS, build_transforms(16, False), cache)
+        ds = PascalMT(root, "val", TASKS, build_transforms(PASCAL_CONTEXT, False, image_size=16), cache)
         assert not at_construction, "expected the error at construction"
         ds[0]
     message = str(err.value)

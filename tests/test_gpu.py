@@ -358,7 +358,12 @@ def evaluate_checkpoint(ckpt: Path | None, data: Path, device: str, work_dir: Pa
         _load_for_eval(net, ckpt, spec)
     tasks = PASCAL_CONTEXT.task_names
     meters = {t: RecordingMeter(m) for t, m in build_meters(tasks).items()}
-    val = PascalMT(data, PASCAL_CONTEXT.val_split, tasks, build_transforms(settings.image_size, train=False, seed=0))
+    val = PascalMT(
+        data,
+        PASCAL_CONTEXT.val_split,
+        tasks,
+        build_transforms(PASCAL_CONTEXT, False, 0, image_size=settings.image_size),
+    )
     setup = engine.EngineSetup(
         net=net.to(device),
         loss_fn=MultiTaskLoss(PASCAL_CONTEXT.tasks),

@@ -64,7 +64,7 @@ def test_check_reports_images_above_the_limit(small, tmp_path, capsys):
     train = read_split(root, "train")
     jpg = root / FILES["image"].format(id=train[0])
     jpg.write_bytes(_claiming(jpg.read_bytes(), 20000, 20000))
-    assert main(["check", str(root)]) == 1
+    assert main(["check", str(root)]) == 2
     out = capsys.readouterr().out
     assert re.search(rf"train/image: 1 too_large: {train[0]}", out), out
     assert f"above the limit of {MAX_IMAGE_PIXELS:,} pixels" in out
@@ -118,7 +118,7 @@ def test_check_reports_val_ids_in_train_and_all_zero_normals(small, tmp_path, ca
     normals = root / FILES["normals"].format(id=val[0])
     shape = np.asarray(Image.open(normals)).shape
     Image.fromarray(np.zeros(shape, np.uint8)).save(normals)
-    assert main(["check", str(root)]) == 1
+    assert main(["check", str(root)]) == 2
     out = capsys.readouterr().out
     assert re.search(rf"val/split: 1 also in train: {train[2]}", out), out
     assert re.search(rf"val/normals: 1 all zero: {val[0]}", out), out
@@ -137,7 +137,7 @@ def test_fetch_refuses_a_corrupted_archive_and_never_reuses_it(small, server, tm
     good = _tarball(small)
     server.payload = _flip(good)
     dest = tmp_path / "data"
-    assert main(["fetch", "--dest", str(dest), "--url", _url(server)]) == 1
+    assert main(["fetch", "--dest", str(dest), "--url", _url(server)]) == 2
     err = capsys.readouterr().err
     assert "PASCAL_MT.tgz: damaged archive" in err and "nothing was extracted" in err and "Traceback" not in err
     assert sorted(p.name for p in dest.iterdir()) == ["PASCAL_MT.tgz.rejected", "PASCAL_MT.tgz.url"]
@@ -205,7 +205,7 @@ def test_fetch_refuses_a_tar_bomb_before_extracting(server, tmp_path, capsys, mo
     server.payload = buf.getvalue()
     monkeypatch.setattr(data_cli.verify_archive, "__defaults__", (4, data_cli.MAX_TOTAL_BYTES))
     dest = tmp_path / "data"
-    assert main(["fetch", "--dest", str(dest), "--url", _url(server, "bomb.tgz")]) == 1
+    assert main(["fetch", "--dest", str(dest), "--url", _url(server, "bomb.tgz")]) == 2
     assert "more than 4 members" in capsys.readouterr().err
     assert not (dest / "PASCAL_MT").exists()
     assert (dest / "bomb.tgz.rejected").read_bytes() == buf.getvalue()

@@ -10,7 +10,8 @@ import pytest
 import scipy.io
 import torch
 
-from benchmark.dataset import FILES, TASKS, PascalMT, check_dataset, read_split
+from benchmark.pascal_data import FILES, TASKS, PascalMT, check_dataset, read_split
+from benchmark.protocol import PASCAL_CONTEXT
 from benchmark.synth import make_synthetic_dataset
 from benchmark.transforms import build_transforms
 
@@ -93,7 +94,7 @@ def test_loader_reads_it_with_varied_sizes(synth, tmp_path):
     assert len(sizes) > 30
     flags = ds.has_human_parts
     assert 0 < sum(flags) < len(flags)
-    val = PascalMT(synth, "val", TASKS, build_transforms(32, False), tmp_path)
+    val = PascalMT(synth, "val", TASKS, build_transforms(PASCAL_CONTEXT, False, image_size=32), tmp_path)
     ignored_parts = sum(bool((val[n]["human_parts"] == 255).all()) for n in range(len(val)))
     assert 0 < ignored_parts < len(val)
 
@@ -108,7 +109,7 @@ def test_labels_are_learnable_from_colour(synth, tmp_path):
     size = 32
     data = {}
     for split in ("train", "val"):
-        ds = PascalMT(synth, split, TASKS, build_transforms(size, False), tmp_path)
+        ds = PascalMT(synth, split, TASKS, build_transforms(PASCAL_CONTEXT, False, image_size=size), tmp_path)
         samples = [ds[n] for n in range(len(ds))]
         mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
         std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]

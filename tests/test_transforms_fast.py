@@ -2,7 +2,9 @@
 
 ``_ref_*`` below is the straightforward implementation of docs/protocol.md 2.2 / 2.3 as it was before the transforms were
 optimised (one OpenCV call per entry on HWC arrays, NumPy arithmetic step by step). It is the specification: every
-output of ``build_transforms(...)`` and of the public step functions must equal it exactly (values, dtype, shape).
+output of ``build_transforms(...)`` and of the public step functions must equal it exactly (values, dtype, shape), for
+the PASCAL-Context entries (unchanged since the transforms were written per task) and for NYUD's (depth; float32
+normals; float64 semseg; a zoom from discrete choices without rotation).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.dataset import (
+from benchmark.nyud_data import NYUDMT
+from benchmark.pascal_data import (
     FILES,
     HUMAN_PART_GROUPS,
     PERSON_CLASS,
@@ -25,6 +28,7 @@ from benchmark.dataset import (
     read_normals_png,
     read_part_objects,
 )
+from benchmark.protocol import NYUD, PASCAL_CONTEXT
 from benchmark.synth import make_synthetic_dataset
 from benchmark.transforms import (
     IMAGENET_MEAN,
@@ -44,6 +48,7 @@ _INTER = {
     "human_parts": cv2.INTER_NEAREST,
     "sal": cv2.INTER_NEAREST,
     "normals": cv2.INTER_CUBIC,
+    "depth": cv2.INTER_NEAREST,
 }
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -67,23 +72,31 @@ def _ref_scale_rotate(sample, angle, scale):
         arr = sample[key]
         h, w = arr.shape[:2]
         matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
-        if key == "normals":
+        if key == "normals" and angle != 0:  # no rotation: the vectors are left as they are
             arr = arr.copy()
             a = np.deg2rad(angle)
             x, y = arr[..., 0].copy(), arr[..., 1].copy()
             arr[..., 0] = x * np.cos(a) + y * np.sin(a)
             arr[..., 1] = y * np.cos(a) - x * np.sin(a)
         out[key] = cv2.warpAffine(arr, matrix, (w, h), flags=_INTER[key])
+        if key == "depth":
+            out[key] = out[key] / scale
     return out
 
 
 def _ref_resize(sample, size):
     out = {}
     for key in sample:
-        arr = cv2.resize(sample[key], (size, size), interpolation=_INTER[key])
+        arr = sample[key]
+        if key == "normals" and arr.dtype != np.float64:  # float32 vectors: resized as 4 channels (NormalsKind)
+            padded = np.concatenate([arr, np.zeros_like(arr[..., :1])], axis=-1)
+            arr = cv2.resize(padded, (size, size), interpolation=_INTER[key])[..., :3]
+        else:
+            arr = cv2.resize(arr, (size, size), interpolation=_INTER[key])
         if key == "normals":
-            norm = np.sqrt(arr[..., 0] ** 2 + arr[..., 1] ** 2 + arr[..., 2] ** 2) + _EPS
-            arr = arr / norm[..., None]
+            # the norm in the vectors' dtype, the epsilon and the division in float64, the quotient in their dtype
+            norm = np.sqrt(arr[..., 0] ** 2 + arr[..., 1] ** 2 + arr[..., 2] ** 2).astype(np.float64) + _EPS
+            arr = (arr / norm[..., None]).astype(arr.dtype)
         out[key] = arr
     return out
 
@@ -97,6 +110,10 @@ def _ref_add_ignore_regions(sample):
         out["normals"] = arr
     if "human_parts" in out and not out["human_parts"].any():
         out["human_parts"] = np.full_like(out["human_parts"], 255)
+    if "depth" in out:
+        arr = out["depth"].copy()
+        arr[arr == 0] = 255
+        out["depth"] = arr
     return out
 
 
@@ -200,8 +217,8 @@ def _assert_same(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], wha
         assert torch.equal(a.view(torch.uint8), b.contiguous().view(torch.uint8)), f"{what}/{key}: bits differ"
 
 
-def _check(sample, size, train, uint8_cast, label_dtype, pairs, what):
-    tf = build_transforms(size, train=train, seed=3, uint8_cast=uint8_cast, label_dtype=label_dtype)
+def _check(sample, size, train, uint8_cast, label_dtype, pairs, what, protocol=PASCAL_CONTEXT):
+    tf = build_transforms(protocol, train, seed=3, uint8_cast=uint8_cast, label_dtype=label_dtype, image_size=size)
     for epoch, index in pairs if train else [(0, 0)]:
         snapshot = {k: v.copy() for k, v in sample.items()}
         out = tf(sample, epoch=epoch, index=index)
@@ -211,8 +228,9 @@ def _check(sample, size, train, uint8_cast, label_dtype, pairs, what):
         _assert_same(out, ref, f"{what} train={train} {uint8_cast} {label_dtype} e{epoch} i{index}")
 
 
-def test_pairs_cover_flip_and_no_flip():
-    tf = build_transforms(8, train=True, seed=3)
+@pytest.mark.parametrize("protocol", [PASCAL_CONTEXT, NYUD], ids=lambda p: p.name)
+def test_pairs_cover_flip_and_no_flip(protocol):
+    tf = build_transforms(protocol, train=True, seed=3, image_size=8)
     flips = {tf.draw(e, i)[0] for e, i in PAIRS}
     assert flips == {True, False}
 
@@ -262,10 +280,10 @@ def test_step_functions_match_reference(flip):
     sample = _handmade(39, 57, 9, tiny_normals=True, wild_image=True)
     snapshot = {k: v.copy() for k, v in sample.items()}
     steps = [
-        (lambda s: hflip(s) if flip else s, lambda s: _ref_hflip(s) if flip else s),
-        (lambda s: scale_rotate(s, -13.7, 1.19), lambda s: _ref_scale_rotate(s, -13.7, 1.19)),
-        (lambda s: resize(s, 50), lambda s: _ref_resize(s, 50)),
-        (add_ignore_regions, _ref_add_ignore_regions),
+        (lambda s: hflip(s, PASCAL_CONTEXT) if flip else s, lambda s: _ref_hflip(s) if flip else s),
+        (lambda s: scale_rotate(s, PASCAL_CONTEXT, -13.7, 1.19), lambda s: _ref_scale_rotate(s, -13.7, 1.19)),
+        (lambda s: resize(s, PASCAL_CONTEXT, 50), lambda s: _ref_resize(s, 50)),
+        (lambda s: add_ignore_regions(s, PASCAL_CONTEXT), _ref_add_ignore_regions),
     ]
     ours, ref = sample, snapshot
     for fast, slow in steps:
@@ -280,6 +298,86 @@ def test_step_functions_match_reference(flip):
         assert np.array_equal(cast_uint8(ours["image"], mode), _ref_cast_uint8(ref["image"], mode))
         for label_dtype in (torch.float32, torch.float64):
             _assert_same(to_tensors(ours, mode, label_dtype), _ref_to_tensors(ref, mode, label_dtype), mode)
+
+
+# --------------------------------------------------------------------------- NYUD entries (depth kind, float32 files)
+
+
+def _nyud_handmade(h, w, seed, *, wild_image=False):
+    """A sample with the raw dtypes of ``NYUDMT.load_raw``: float64 semseg (0..39, 254, 255), float32 depth with
+    missing pixels (0) in a block and scattered, float32 normals of non-unit length with a zero block and isolated
+    zero vectors."""
+    rng = np.random.default_rng(seed)
+    sample = _handmade(h, w, seed, wild_image=wild_image)
+    semseg = np.where(rng.random((h, w)) < 0.05, 255.0, rng.integers(0, 40, (h, w)).astype(np.float64))
+    semseg[: h // 5, : w // 5] = 254.0
+    depth = rng.uniform(0.5, 9.0, (h, w)).astype(np.float32)
+    depth[h // 3 : h // 2, w // 3 : w // 2] = 0.0
+    depth[rng.random((h, w)) < 0.03] = 0.0
+    normals = (_unit_normals(rng, h, w) * rng.uniform(0.25, 3.0, (h, w, 1))).astype(np.float32)
+    normals[h // 2 :, : w // 4] = 0.0
+    normals[rng.random((h, w)) < 0.02] = 0.0
+    return {"image": sample["image"], "semseg": semseg, "depth": depth, "normals": normals}
+
+
+NYUD_HANDMADE = {
+    "odd": lambda: _nyud_handmade(37, 53, 21),
+    "tall": lambda: _nyud_handmade(71, 29, 22),
+    "wild_image": lambda: _nyud_handmade(45, 61, 23, wild_image=True),
+    "depth_only": lambda: {k: v for k, v in _nyud_handmade(41, 59, 24).items() if k in ("image", "depth")},
+}
+
+
+def test_nyud_draws_are_the_protocols():
+    """Zooms from the discrete choices with equal odds, never a rotation; the flip with the protocol's odds."""
+    tf = build_transforms(NYUD, train=True, seed=3, image_size=8)
+    draws = [tf.draw(e, i) for e in range(30) for i in range(30)]
+    assert {d.angle for d in draws} == {0.0}
+    scales = [d.scale for d in draws]
+    assert set(scales) == set(NYUD.scale_choices)
+    for choice in NYUD.scale_choices:  # 900 draws: each choice 300 +- 4.4 sigma
+        assert abs(scales.count(choice) - len(scales) / 3) < 4.4 * (len(scales) * 2 / 9) ** 0.5
+    assert 0.4 < np.mean([d.flip for d in draws]) < 0.6
+
+
+@pytest.mark.parametrize("name", sorted(NYUD_HANDMADE))
+@pytest.mark.parametrize("train", [True, False])
+def test_nyud_handmade_samples_match_reference(name, train):
+    sample = NYUD_HANDMADE[name]()
+    for uint8_cast in ("clamp", "wrap"):
+        for label_dtype in (torch.float32, torch.float64):
+            _check(sample, 64, train, uint8_cast, label_dtype, PAIRS[:3], name, NYUD)
+    _check(sample, 75, train, "wrap", torch.float64, PAIRS[3:], f"{name}@75", NYUD)
+
+
+def test_nyud_synthetic_dataset_matches_reference(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "data", n_train=4, n_val=1, seed=2, size_range=(48, 90), protocol=NYUD)
+    ds = NYUDMT(root, "train")
+    for n in range(len(ds)):
+        raw = ds.load_raw(n)
+        assert raw["depth"].dtype == raw["normals"].dtype == np.float32 and raw["semseg"].dtype == np.float64
+        for train in (True, False):
+            _check(raw, 72, train, "wrap", torch.float64, PAIRS[n % 3 :: 3] + [(n, n)], f"nyud{n}", NYUD)
+
+
+def test_nyud_step_functions_match_reference():
+    sample = _nyud_handmade(39, 57, 25, wild_image=True)
+    ours, ref = sample, {k: v.copy() for k, v in sample.items()}
+    steps = [
+        (lambda s: hflip(s, NYUD), _ref_hflip),
+        (lambda s: scale_rotate(s, NYUD, 0.0, 1.5), lambda s: _ref_scale_rotate(s, 0.0, 1.5)),
+        (lambda s: resize(s, NYUD, 50), lambda s: _ref_resize(s, 50)),
+        (lambda s: add_ignore_regions(s, NYUD), _ref_add_ignore_regions),
+    ]
+    for fast, slow in steps:
+        ours, ref = fast(ours), slow(ref)
+        for key in ref:
+            assert ours[key].dtype == ref[key].dtype and ours[key].shape == ref[key].shape, key
+            assert np.array_equal(ours[key], ref[key]), key
+    # the zoom divided the depth (0 stays 0, then ignored), the flip negated the normals' x
+    assert (ours["depth"] == 255).any() and (ours["normals"] == 255).all(-1).any()
+    for label_dtype in (torch.float32, torch.float64):
+        _assert_same(to_tensors(ours, "wrap", label_dtype), _ref_to_tensors(ref, "wrap", label_dtype), "nyud")
 
 
 # --------------------------------------------------------------------------- loading (PascalMT.load_raw)

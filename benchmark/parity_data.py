@@ -1,0 +1,331 @@
+"""Parity of the data pipelines with the official loaders (``python -m benchmark.parity``: dataset fixtures).
+
+- ``dataset_*.pt`` beside a PASCAL_MT folder: the official PASCAL-Context loader with its val transforms;
+- ``nyud_dataset_*.pt`` beside a NYUD_MT folder: the official NYUD loader with its val transforms, and its train
+  transforms with forced draws.
+
+:func:`parity_checks` tells the two apart by the fixture's dataset folder (``gt_sets/`` is NYUD_MT's). Every value
+a check needs (image size, ids, shapes, dtypes, draws) is read from the fixture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmark.dataset import DatasetNotFoundError
+from benchmark.parity import Check
+from benchmark.protocol import NYUD, PASCAL_CONTEXT
+from benchmark.transforms import Draw, build_transforms
+
+# Error model of the image tolerance: once the official truncation and wrap are reproduced (same JPEG decoder, same
+# OpenCV cubic resize) the uint8 image is exact, and the normalisation ``(x / 255 - mean) / std`` is a few fp32
+# roundings of values up to |(1 - 0.406) / 0.225| = 2.64, i.e. < 1e-6; 1e-5 (the fixture READMEs' figure) is ten
+# times that, while one uint8 step moves a value by 1 / 255 / 0.229 ~ 0.017, so any pixel cast differently fails.
+IMAGE_TOL = 1e-5
+
+
+def _load(path: Path) -> dict[str, Any]:
+    from benchmark.safeload import safe_load
+
+    return safe_load(path, "dataset fixture")
+
+
+def parity_checks(fixture_path: str | os.PathLike[str]) -> list[Check]:
+    """The checks of one dataset fixture, PASCAL or NYUD (told by the dataset folder the fixture lists)."""
+    fixture_path = Path(fixture_path)
+    fx = _load(fixture_path)
+    if any(str(f).startswith("gt_sets/") for f in fx.get("dataset_files") or []):
+        return nyud_parity_checks(fixture_path, fx)
+    return pascal_parity_checks(fixture_path, fx)
+
+
+def _fixture_dataset_dir(fixture_path: Path, fixture: dict[str, Any], marker: str) -> Path:
+    """The dataset folder beside the fixture (the one holding ``marker``/ and every file the fixture lists)."""
+    for key in ("dataset_dir", "dataset_folder", "dataset_root", "root"):
+        name = fixture.get(key)
+        if isinstance(name, str) and (fixture_path.parent / name / marker).is_dir():
+            return fixture_path.parent / name
+    candidates = sorted(p for p in fixture_path.parent.iterdir() if (p / marker).is_dir())
+    files = fixture.get("dataset_files") or []
+    matching = [c for c in candidates if files and all((c / f).is_file() for f in files)]
+    if len(matching) == 1 or (matching and not files):
+        return matching[0]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise DatasetNotFoundError(
+        f"{fixture_path}: cannot tell which dataset folder beside it belongs to it (candidates: "
+        f"{[c.name for c in candidates]}); expected exactly one folder containing {marker}/ and its files",
+        fixture_path.parent,
+    )
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    if a.numel() == 0:
+        return 0.0
+    return float((a.to(torch.float64) - b.to(torch.float64)).abs().max())
+
+
+def pascal_parity_checks(
+    fixture_path: str | os.PathLike[str], fx: dict[str, Any] | None = None, image_tol: float = IMAGE_TOL
+) -> list[Check]:
+    """PASCAL (``dataset_*.pt`` beside a PASCAL_MT folder): run the loader with the val transforms (official uint8 wrap) on the fixture's dataset and compare.
+
+    Error model of ``image_tol``: see ``IMAGE_TOL``. Labels are integers (normals: float64 of the same OpenCV
+    arithmetic): exact.
+
+    One Check per (id, entry): the transformed tensors (labels exact, image within ``image_tol``), the raw arrays
+    before the transforms, the meta size, the has-person flag; plus the id order and the normals' valid class set.
+    """
+    from benchmark.pascal_data import TASKS, PascalMT, normals_valid_context_ids
+
+    fixture_path = Path(fixture_path)
+    fx = _load(fixture_path) if fx is None else fx
+    stem = fixture_path.stem
+    checks: list[Check] = []
+    root = _fixture_dataset_dir(fixture_path, fx, "JPEGImages")
+
+    expected_valid = sorted(int(i) for i in fx["normals_valid_context_ids"])
+    ours = sorted(normals_valid_context_ids())
+    diff = sorted(set(expected_valid) ^ set(ours))
+    detail = f"differ: {diff[:10]}" if diff else ""
+    checks.append(Check(f"{stem}/normals_valid_context_ids", float(len(diff)), 0.0, not diff, detail))
+
+    transform = build_transforms(
+        PASCAL_CONTEXT, train=False, uint8_cast="wrap", label_dtype=torch.float64, image_size=int(fx["img_size"])
+    )
+    with tempfile.TemporaryDirectory(prefix="mtpeft-parity-") as cache:
+        ds = PascalMT(root, fx["split"], TASKS, transform, cache_dir=cache, size_mismatch="resize")
+        flags = ds.has_human_parts
+    fx_ids = list(fx["ids"])
+    same_order = ds.ids == fx_ids
+    detail = "" if same_order else f"loader order {ds.ids[:5]}... vs fixture {fx_ids[:5]}..."
+    checks.append(Check(f"{stem}/ids", 0.0 if same_order else 1.0, 0.0, same_order, detail))
+    position = {i: n for n, i in enumerate(ds.ids)}
+    for image_id in fx_ids:
+        expected = fx["samples"][image_id]
+        name = f"{stem}/{image_id}"
+        if image_id not in position:
+            checks.append(Check(name, float("inf"), 0.0, False, "id not in the loader's split"))
+            continue
+        n = position[image_id]
+        sample = ds[n]
+        for key in ("image", *TASKS):
+            tol = image_tol if key == "image" else 0.0
+            d = _max_diff(sample[key], expected[key])
+            detail = f"shape {list(sample[key].shape)} vs {list(expected[key].shape)}" if d == float("inf") else ""
+            checks.append(Check(f"{name}/{key}", d, tol, d <= tol, detail))
+        size = list(expected["meta"]["im_size"])
+        same = sample["meta"]["size"] == size
+        checks.append(Check(f"{name}/meta_size", 0.0 if same else 1.0, 0.0, same, f"ours {sample['meta']['size']}"))
+        raw, fraw = ds.load_raw(n), expected.get("raw", {})
+        pairs = {
+            "image_uint8_hwc": raw["image"],
+            "semseg_uint8_hw": raw["semseg"],
+            "human_parts_uint8_hw": raw["human_parts"],
+            "sal_uint8_hw": raw["sal"],
+        }
+        if "normals_png_uint8_hwc" in fraw and "normals_valid_mask_hw" in fraw:
+            # The fixture stores the raw normals compactly: where(mask, 2 * png / 255 - 1, 0).
+            png = fraw["normals_png_uint8_hwc"].to(torch.float64)
+            mask = fraw["normals_valid_mask_hw"][..., None]
+            fraw = {**fraw, "normals": torch.where(mask, 2.0 * png / 255.0 - 1.0, torch.zeros((), dtype=png.dtype))}
+            pairs["normals"] = raw["normals"]
+        for key, ours_arr in pairs.items():
+            if key in fraw:
+                d = _max_diff(torch.from_numpy(np.array(ours_arr)), fraw[key])
+                checks.append(Check(f"{name}/raw/{key}", d, 0.0, d == 0.0))
+        if "has_human_parts_flag" in expected:
+            ok = bool(flags[n]) == bool(expected["has_human_parts_flag"])
+            checks.append(Check(f"{name}/has_human_parts", 0.0 if ok else 1.0, 0.0, ok))
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NYUD
+
+
+def _exact(name: str, ours: Any, expected: Any, detail: str = "") -> Check:
+    same = ours == expected
+    return Check(
+        name, 0.0 if same else 1.0, 0.0, same, "" if same else detail or f"ours {ours!r}, official {expected!r}"
+    )
+
+
+def _tensor_check(name: str, ours: torch.Tensor, expected: torch.Tensor, tol: float) -> Check:
+    d = _max_diff(ours, expected)
+    detail = f"shape {list(ours.shape)} vs {list(expected.shape)}" if d == float("inf") else ""
+    return Check(name, d, tol, d <= tol, detail)
+
+
+def _ipp_note() -> str:
+    import cv2
+
+    state = "on" if cv2.ipp.useIPP() else "off"
+    return (
+        f"(OpenCV's float32 cubic resize runs in Intel IPP, {state} here; its rounding depends on the CPU code path)"
+    )
+
+
+def _official_shapes_and_dtypes(name: str, out: dict[str, Any], fx: dict[str, Any], keys: list[str]) -> list[Check]:
+    checks = []
+    for key in keys:
+        shape, dtype = fx.get("official_shapes", {}).get(key), fx.get("official_dtypes", {}).get(key)
+        if shape is not None:
+            checks.append(_exact(f"{name}/{key}/shape", list(out[key].shape), list(shape)))
+        if dtype is not None:
+            checks.append(_exact(f"{name}/{key}/dtype", str(out[key].dtype).removeprefix("torch."), str(dtype)))
+    return checks
+
+
+def train_normals_tolerance(fx: dict[str, Any]) -> float:
+    """Tolerance of the train examples' normals against the official train transforms.
+
+    Error model: at rotation 0 the official ScaleNRotate still rewrites channels 0 and 1 through atan2, sin, cos
+    and sqrt in the normals' dtype (float32 here), which moves each component by float32 rounding; this
+    implementation leaves them as they are (no rotation). The fixture records that rounding as it reaches the
+    output on the unzoomed, unflipped example (``train_noflip_scale1_vs_val_max_abs_diff['normals']``, 1.19e-7 on
+    the public file: one float32 ulp at 1, 2**-23). Taken as the larger of that figure and 2**-23: a zoom passes
+    the perturbed vectors through one more cubic interpolation, whose weights (a = -0.75) sum in absolute value to
+    at most 1.375 per axis, 1.89 in 2-D, and a flip negates channel 0, so the rounding can land on either side:
+    2 x 1.89 < 4 times the figure. Every other entry is exact (the same OpenCV calls on the same data)."""
+    figure = float((fx.get("train_noflip_scale1_vs_val_max_abs_diff") or {}).get("normals", 0.0))
+    return 4.0 * max(figure, 2.0**-23)
+
+
+# the labels whose alignment the official NYUD loader prints (RESHAPE SEMSEG / RESHAPE DEPTH); normals are silent
+RESHAPE_REPORTED = ("semseg", "depth")
+
+
+def _stored_label_sizes(root: Path, image_id: str, tasks: list[str]) -> dict[str, list[int]]:
+    """[H, W] of each task's label file as stored (before any alignment)."""
+    from benchmark.nyud_data import FILES
+
+    sizes = {}
+    for t in tasks:
+        path = root / FILES[t].format(id=image_id)
+        if path.suffix == ".npy":
+            sizes[t] = list(np.load(path, mmap_mode="r", allow_pickle=False).shape[:2])
+        else:
+            with Image.open(path) as img:
+                sizes[t] = [img.height, img.width]
+    return sizes
+
+
+def nyud_parity_checks(
+    fixture_path: str | os.PathLike[str], fx: dict[str, Any] | None = None, image_tol: float = IMAGE_TOL
+) -> list[Check]:
+    """NYUD (``nyud_dataset_*.pt`` beside a NYUD_MT folder): the loader with the val transforms (official uint8
+    wrap, float64 labels) against the official one, sample by sample: the tensors (labels exact, the image within
+    ``image_tol``, see ``IMAGE_TOL``), their official shapes and dtypes, the meta, the raw arrays before the
+    transforms (the label-to-image alignment included), the resize warnings against the official RESHAPE messages,
+    and the pixels the uint8 wrap changes; the id order; and the train examples with the official draws forced
+    (normals within ``train_normals_tolerance``). Edge maps, not a task of nyud v1, are not compared."""
+    from benchmark.nyud_data import NYUDMT, TASKS, LabelResizedWarning
+
+    fixture_path = Path(fixture_path)
+    fx = _load(fixture_path) if fx is None else fx
+    stem = fixture_path.stem
+    root = _fixture_dataset_dir(fixture_path, fx, "gt_sets")
+    size = int(fx["img_size"])
+    tasks = [t for t in fx.get("tasks", TASKS) if t in TASKS]
+    keys = ["image", *tasks]
+    checks: list[Check] = []
+
+    def transform(train: bool, cast: str = "wrap") -> Any:
+        return build_transforms(NYUD, train, uint8_cast=cast, label_dtype=torch.float64, image_size=size)
+
+    ds = NYUDMT(root, fx["split"], tasks, transform(False), semseg_out_of_range="keep")
+    clamp = transform(False, "clamp")
+    fx_ids = list(fx["ids"])
+    checks.append(_exact(f"{stem}/ids", ds.ids, fx_ids, f"loader order {ds.ids[:5]}... vs fixture {fx_ids[:5]}..."))
+    position = {i: n for n, i in enumerate(ds.ids)}
+    for image_id in fx_ids:
+        expected = fx["samples"][image_id]
+        name = f"{stem}/{image_id}"
+        if image_id not in position:
+            checks.append(Check(name, float("inf"), 0.0, False, "id not in the loader's split"))
+            continue
+        n = position[image_id]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            raw = ds.load_raw(n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the same alignment again
+            sample = ds[n]
+        for key in keys:
+            check = _tensor_check(f"{name}/{key}", sample[key], expected[key], image_tol if key == "image" else 0)
+            if key == "normals" and not check.passed:
+                check = dataclasses.replace(check, detail=(check.detail + " " + _ipp_note()).strip())
+            checks.append(check)
+        checks += _official_shapes_and_dtypes(name, sample, fx, keys)
+        meta = expected.get("meta", {})
+        checks.append(_exact(f"{name}/meta_size", sample["meta"]["size"], list(meta.get("im_size", []))))
+        checks.append(_exact(f"{name}/meta_id", sample["meta"]["id"], meta.get("image")))
+        # the raw arrays the official loader held, after the alignment (stored exactly)
+        fraw = expected.get("raw", {})
+        pairs = {"image_uint8_hwc": "image", "semseg_hw": "semseg", "depth_hw": "depth", "normals_hwc": "normals"}
+        for fkey, key in pairs.items():
+            if fkey in fraw and key in raw:
+                ours = torch.from_numpy(np.ascontiguousarray(raw[key]))
+                checks.append(_tensor_check(f"{name}/raw/{fkey}", ours, fraw[fkey], 0.0))
+        for key, dtype in (expected.get("raw_dtypes_in_loader") or {}).items():
+            if key in ("depth", "normals") and key in raw:  # kept in the file's dtype (image, semseg: values above)
+                checks.append(_exact(f"{name}/raw/{key}_dtype", str(raw[key].dtype), str(dtype)))
+        # alignment: the labels stored at another size than the image were resized to it (our warnings), and the
+        # official loader printed RESHAPE for exactly those of them it reports (semseg and depth; normals silently)
+        resized = sorted(w.message.task for w in caught if isinstance(w.message, LabelResizedWarning))
+        stored = _stored_label_sizes(root, image_id, tasks)
+        want = sorted(t for t in tasks if stored[t] != list(raw["image"].shape[:2]))
+        checks.append(_exact(f"{name}/aligned_labels", resized, want))
+        official = sorted(m.split()[-1].lower() for m in expected.get("loader_messages", []) if "RESHAPE" in m)
+        reported = sorted(t for t in want if t in RESHAPE_REPORTED)
+        checks.append(
+            _exact(f"{name}/reshape_messages", official, reported, f"official RESHAPE {official}, ours {want}")
+        )
+        # the uint8 cast: clamping instead of wrapping changes exactly the pixels the fixture marks
+        mask = expected.get("image_uint8_cast_out_of_range_mask")
+        if mask is not None:
+            differs = clamp.apply(raw, None)["image"] != sample["image"]
+            wrong = int((differs != mask.bool()).sum())
+            checks.append(Check(f"{name}/uint8_wrap_pixels", float(wrong), 0.0, wrong == 0,
+                                f"{int(differs.sum())} wrapped pixels vs {int(mask.sum())} in the fixture"))  # fmt: skip
+    checks += _nyud_train_examples(stem, root, fx, tasks, transform(True), image_tol)
+    return checks
+
+
+def _nyud_train_examples(
+    stem: str, root: Path, fx: dict[str, Any], tasks: list[str], transform: Any, image_tol: float
+) -> list[Check]:
+    from benchmark.nyud_data import NYUDMT
+
+    examples = fx.get("train_examples") or []
+    if not examples:
+        return []
+    normals_tol = train_normals_tolerance(fx)
+    ds = NYUDMT(root, "train", tasks, None, semseg_out_of_range="keep")
+    position = {i: n for n, i in enumerate(ds.ids)}
+    checks = []
+    for k, ex in enumerate(examples):
+        name = f"{stem}/train_example_{k}_{ex['id']}"
+        if ex["id"] not in position:
+            checks.append(Check(name, float("inf"), 0.0, False, "id not in the loader's train split"))
+            continue
+        draw = Draw(bool(ex["flip"]), float(ex["rot"]), float(ex["scale"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # alignment warnings are checked on the val samples
+            out = transform.apply(ds.load_raw(position[ex["id"]]), draw)
+        for key in ["image", *tasks]:
+            tol = image_tol if key == "image" else normals_tol if key == "normals" else 0.0
+            checks.append(_tensor_check(f"{name}/{key}", out[key], ex[key], tol))
+    return checks
