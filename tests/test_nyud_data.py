@@ -18,7 +18,13 @@ from PIL import Image
 from benchmark.data_cli import main
 from benchmark.dataset import DATASETS, DatasetError, check_dataset, collate, dataset_ready, open_dataset
 from benchmark.nyud_data import FILES, NYUDMT, LabelResizedWarning, read_depth, read_normals, read_split
-from benchmark.parity_data import nyud_parity_checks, parity_checks, train_normals_tolerance
+from benchmark.parity_data import (
+    _bounded_check,
+    normals_resize_tolerance,
+    nyud_parity_checks,
+    parity_checks,
+    train_normals_tolerance,
+)
 from benchmark.protocol import NYUD, PASCAL_CONTEXT
 from benchmark.safeload import safe_load
 from benchmark.synth import make_synthetic_dataset
@@ -147,6 +153,41 @@ def test_dataset_parity_on_the_fixture_copy(fx):
 def test_train_normals_tolerance_follows_the_fixture_figure(fx):
     assert train_normals_tolerance(fx) == 4 * max(fx["train_noflip_scale1_vs_val_max_abs_diff"]["normals"], 2**-23)
     assert train_normals_tolerance({"train_noflip_scale1_vs_val_max_abs_diff": {"normals": 1e-6}}) == 4e-6
+
+
+def test_dataset_parity_holds_on_opencvs_other_resize_path():
+    """The float32 normals are compared within the rounding of OpenCV's code paths, not bit for bit: with Intel IPP
+    switched off (the path another CPU or build may take) every check still holds."""
+    cv2 = pytest.importorskip("cv2")
+    before = cv2.ipp.useIPP()
+    cv2.ipp.setUseIPP(False)
+    try:
+        failed = [c for c in parity_checks(FIXTURE) if not c.passed]
+    finally:
+        cv2.ipp.setUseIPP(before)
+    assert not failed, failed[:5]
+
+
+def test_normals_bound_is_rounding_sized_and_refuses_real_differences():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:20, 0:30] / 30.0
+    v = np.stack([xx - 0.5, yy - 0.3, np.ones_like(xx)], axis=-1).astype(np.float32)  # a smooth surface
+    v /= np.linalg.norm(v, axis=-1, keepdims=True)
+    v[4:14, 4:16] = 0  # an invalid block: its inner pixels stay exactly zero after the resize
+    bound = normals_resize_tolerance(v, 16)
+    inner = bound[:, 6:8, 5:8]  # every cubic tap inside the block
+    assert bool((inner == 0).all())  # exactly zero vectors: exact, ignore against ignore
+    valid = bound[:, 12:, 12:]
+    assert 1e-6 < float(valid.max()) < 2e-5  # float32 rounding of a 16-tap sum of unit vectors, renormalised
+    assert float(bound.max()) <= 2.0
+    official = torch.from_numpy(rng.uniform(-1, 1, size=(3, 16, 16)))
+    assert _bounded_check("same", official.clone(), official, bound).passed
+    shifted = official.clone()
+    shifted[:, 13, 13] += 1e-4  # a renormalisation or interpolation difference is this large or larger
+    assert not _bounded_check("shifted", shifted, official, bound).passed
+    ignored = official.clone()
+    ignored[:, 2, 2] = 255.0  # an ignored pixel where the official one is valid
+    assert not _bounded_check("ignored", ignored, official, bound).passed
 
 
 def test_dataset_parity_fails_on_a_changed_file(tmp_path, fx):

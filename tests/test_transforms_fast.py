@@ -88,11 +88,7 @@ def _ref_resize(sample, size):
     out = {}
     for key in sample:
         arr = sample[key]
-        if key == "normals" and arr.dtype != np.float64:  # float32 vectors: resized as 4 channels (NormalsKind)
-            padded = np.concatenate([arr, np.zeros_like(arr[..., :1])], axis=-1)
-            arr = cv2.resize(padded, (size, size), interpolation=_INTER[key])[..., :3]
-        else:
-            arr = cv2.resize(arr, (size, size), interpolation=_INTER[key])
+        arr = cv2.resize(arr, (size, size), interpolation=_INTER[key])  # one call on all channels, as officially
         if key == "normals":
             # the norm in the vectors' dtype, the epsilon and the division in float64, the quotient in their dtype
             norm = np.sqrt(arr[..., 0] ** 2 + arr[..., 1] ** 2 + arr[..., 2] ** 2).astype(np.float64) + _EPS
