@@ -145,8 +145,9 @@ def compare_runs(a: Sequence[Run], b: Sequence[Run]) -> Comparison:
     refuse_incomparable(a, b)
     protocol: Protocol = a[0].protocol
     keys = (*protocol.task_names, DELTA_M)
-    va = [run_values(r.data, protocol) for r in a]
-    vb = [run_values(r.data, protocol) for r in b]
+    reference = a[0].data["delta_m"]["reference"]  # one reference on both sides (refuse_incomparable)
+    va = [run_values(r.data, protocol, reference) for r in a]
+    vb = [run_values(r.data, protocol, reference) for r in b]
     mean_a = {k: math.fsum(v[k] for v in va) / len(va) for k in keys}
     mean_b = {k: math.fsum(v[k] for v in vb) / len(vb) for k in keys}
     rows = []
@@ -172,7 +173,7 @@ def compare_runs(a: Sequence[Run], b: Sequence[Run]) -> Comparison:
         same = pa.images_sha256 == pb.images_sha256
         wa = resample_weights(pa.n_images, seed=BOOTSTRAP_SEED)
         wb = wa if same else resample_weights(pb.n_images, seed=BOOTSTRAP_SEED + 1)
-        ba, bb = weighted_values(pa, protocol, wa), weighted_values(pb, protocol, wb)
+        ba, bb = weighted_values(pa, protocol, wa, reference), weighted_values(pb, protocol, wb, reference)
         for k in keys:
             d = ba[k] - bb[k]
             lo, hi = np.percentile(d, [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2])

@@ -181,8 +181,11 @@ def resample_weights(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = B
     return w
 
 
-def weighted_values(pi: PerImage, protocol: Protocol, w: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-task primary metric (table units) and Δm for each row of image weights ``w`` [B, N]."""
+def weighted_values(
+    pi: PerImage, protocol: Protocol, w: np.ndarray, reference: str | None = None
+) -> dict[str, np.ndarray]:
+    """Per-task primary metric (table units) and Δm (against ``reference``, default the protocol's) for each row of
+    image weights ``w`` [B, N]."""
     out: dict[str, np.ndarray] = {}
     for t in protocol.tasks:
         s = pi.tasks[t.name]
@@ -194,7 +197,7 @@ def weighted_values(pi: PerImage, protocol: Protocol, w: np.ndarray) -> dict[str
         else:
             v = (w @ s["sum_deg"]) / (w @ s["n"].astype(np.float64))
         out[t.name] = table_value(t, 1.0) * v
-    ref = get_reference(protocol.reference).values
+    ref = get_reference(reference or protocol.reference).values
     out[DELTA_M] = np.array(
         [delta_m({t: float(out[t][b]) for t in protocol.task_names}, ref, protocol.tasks) for b in range(len(w))]
     )
@@ -207,9 +210,9 @@ def _percentile_interval(values: np.ndarray, method: str) -> Interval:
     return Interval(float(lo), float(hi), method)
 
 
-def bootstrap_intervals(pi: PerImage, protocol: Protocol) -> dict[str, Interval]:
+def bootstrap_intervals(pi: PerImage, protocol: Protocol, reference: str | None = None) -> dict[str, Interval]:
     w = resample_weights(pi.n_images)
-    vals = weighted_values(pi, protocol, w)
+    vals = weighted_values(pi, protocol, w, reference)
     method = f"bootstrap over {pi.n_images} validation images ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED})"
     return {k: _percentile_interval(v, method) for k, v in vals.items()}
 
@@ -227,21 +230,23 @@ def t_interval(values: Sequence[float]) -> tuple[float, float]:
     return mean - h, mean + h
 
 
-def run_values(data: Mapping[str, Any], protocol: Protocol) -> dict[str, float]:
-    """One run's per-task primary metrics in table units, and its Δm."""
+def run_values(data: Mapping[str, Any], protocol: Protocol, reference: str | None = None) -> dict[str, float]:
+    """One run's per-task primary metrics in table units, and its Δm against ``reference`` (default: the
+    protocol's)."""
     vals = {t.name: table_value(t, float(data["metrics"][t.name][t.metric])) for t in protocol.tasks}
-    vals[DELTA_M] = delta_m(vals, get_reference(protocol.reference).values, protocol.tasks)
+    vals[DELTA_M] = delta_m(vals, get_reference(reference or protocol.reference).values, protocol.tasks)
     return vals
 
 
-def group_intervals(runs: Sequence[Any], protocol: Protocol) -> dict[str, Interval]:
-    """The 95% interval of every per-task value and of Δm for one reproduced row (empty: none available)."""
+def group_intervals(runs: Sequence[Any], protocol: Protocol, reference: str | None = None) -> dict[str, Interval]:
+    """The 95% interval of every per-task value and of Δm (against ``reference``, default the protocol's) for one
+    reproduced row (empty: none available)."""
     if len(runs) >= 2:
-        per_run = [run_values(r.data, protocol) for r in runs]
+        per_run = [run_values(r.data, protocol, reference) for r in runs]
         method = f"t-interval over {len(runs)} seeds"
         return {k: Interval(*t_interval([v[k] for v in per_run]), method) for k in per_run[0]}
     if len(runs) == 1 and getattr(runs[0], "per_image", None) is not None:
-        return bootstrap_intervals(runs[0].per_image, protocol)
+        return bootstrap_intervals(runs[0].per_image, protocol, reference)
     return {}
 
 
