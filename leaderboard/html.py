@@ -60,12 +60,14 @@ def _set_value(v: Any) -> str:
 
 
 def reproduce_command(data: dict[str, Any]) -> str:
-    """The ``run_benchmark`` command that reruns one result (its method, config, preset, seed, selection rule)."""
+    """The ``run_benchmark`` command that reruns one result (its method, config, preset, seed, protocol, selection
+    rule)."""
     argv = ["run_benchmark", "--method", data["method"]["name"], "--preset", data["preset"]]
     argv += ["--seed", *(str(s) for s in data["seeds"])]
     config = data["method"]["config"]
     if config:
         argv += ["--set", *(f"{k}={_set_value(v)}" for k, v in sorted(config.items()))]
+    argv += ["--protocol", data["protocol"]["name"]]
     if data["selection"].get("rule") == "best":
         argv += ["--select", "best"]
     if data["preset"] == "paper":

@@ -21,7 +21,7 @@ import pytest
 from scipy.stats import t as t_dist
 
 from benchmark.protocol import PASCAL_CONTEXT as P
-from benchmark.protocol import REFERENCES, delta_m, table_value
+from benchmark.protocol import REFERENCES, Protocol, delta_m, table_value
 from benchmark.results import RunResult, make_run_id
 from leaderboard.checks import (
     CheckReport,
@@ -48,33 +48,40 @@ def write_run(
     seed: int = 0,
     vals: dict[str, float] | None = None,
     status: str = "success",
-    version: int = P.version,
+    version: int | None = None,
     cost: dict | None = None,
     edit=None,
     name: str | None = None,
+    protocol: Protocol = P,
+    reference: str | None = None,
 ) -> Path:
-    """A valid RunResult file under root/<protocol>/<method>/<run_id>.json; ``edit`` may corrupt the dict after."""
+    """A valid RunResult file under root/<protocol>/<method>/<run_id>.json; ``edit`` may corrupt the dict after.
+    ``vals``: the primary metric of every task of ``protocol`` in table units; Δm stored against ``reference``
+    (default: the protocol's)."""
     config = MTLORA64 if config is None else config
     vals = vals or BASE
-    metrics = {t.name: {t.metric: vals[t.name] / 100 if t.percent else vals[t.name], "extra": 1.0} for t in P.tasks}
-    scores = {t.name: table_value(t, metrics[t.name][t.metric]) for t in P.tasks}
-    run_id = make_run_id(P.name, version, method, config, [seed])
+    reference = reference or protocol.reference
+    version = protocol.version if version is None else version
+    tasks = protocol.tasks
+    metrics = {t.name: {t.metric: vals[t.name] / 100 if t.percent else vals[t.name], "extra": 1.0} for t in tasks}
+    scores = {t.name: table_value(t, metrics[t.name][t.metric]) for t in tasks}
+    run_id = make_run_id(protocol.name, version, method, config, [seed])
     result = RunResult(
         run_id=run_id,
         status=status,
-        protocol={"name": P.name, "version": version},
+        protocol={"name": protocol.name, "version": version},
         method={"name": method, "config": config},
         seeds=[seed],
         preset="paper",
         metrics=metrics,
-        delta_m={"value": delta_m(scores, REFERENCES[P.reference].values, P.tasks), "reference": P.reference},
+        delta_m={"value": delta_m(scores, REFERENCES[reference].values, tasks), "reference": reference},
         params={"decoders": 1946624, "adapter": 4798464, "other_trainable_backbone": 1599546, "trainable": 8344634,
                 "total": 34262906},
         selection={"rule": "final", "epoch": 300, "iteration": 299_700},
         cost=cost if cost is not None else {"train_images_per_s": 100.0 + seed, "peak_mem_bytes": (10 + seed) * 2**30},
         notes=["smoke preset"] if status == "debug" else [],
     )  # fmt: skip
-    path = root / P.name / method / f"{name or run_id}.json"
+    path = root / protocol.name / method / f"{name or run_id}.json"
     data = result.to_dict()
     if edit is not None:
         edit(data)
@@ -589,7 +596,8 @@ def test_leaderboard_imports_without_torch(tmp_path):
         import leaderboard.cli
         from leaderboard.checks import run_checks
         rc = leaderboard.cli.main(["build", {str(ROOT / "results")!r}, "-o", {str(tmp_path / "lb.md")!r},
-                                   "--plot", {str(tmp_path / "lb.png")!r}, "--html", {str(tmp_path / "site")!r}])
+                                   "--plot", {str(tmp_path / "lb.png")!r}, "--html", {str(tmp_path / "site")!r},
+                                   "--reference", "nyud=tadformer-config-nyud-single-task"])
         assert rc == 0, rc
         report = run_checks([{str(ROOT / "results")!r}], leaderboard_path=None, skip_params=True)
         assert report.ok, report.failures
@@ -601,6 +609,10 @@ def test_leaderboard_imports_without_torch(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 0 and "TORCH-FREE OK" in p.stdout, p.stderr[-3000:]
     assert "| MTLoRA r=64 " in (tmp_path / "lb.md").read_text()
+    assert (
+        "## nyud v1" in (tmp_path / "lb.md").read_text()
+        and "`tadformer-config-nyud-single-task`" in (tmp_path / "lb.md").read_text()
+    )
     assert "MTLoRA r=64" in (tmp_path / "site" / "data.js").read_text()
 
 
