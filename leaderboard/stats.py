@@ -9,8 +9,9 @@ Intervals (every per-task metric and Δm of a reproduced row, in table units):
   bootstrap over the validation images of that run. ``BOOTSTRAP_RESAMPLES`` resamples of the images with
   replacement, drawn by ``numpy.random.default_rng(BOOTSTRAP_SEED).integers(0, N, (B, N))``; each resample is
   reduced exactly as the meters reduce (dataset IoU per class from summed intersections and unions, saliency
-  max over thresholds of the mean per-image IoU, normals summed angles over summed valid pixels), Δm from the
-  four, and the interval is the 2.5 and 97.5 percentiles (numpy's linear rule). It measures the uncertainty
+  max over thresholds of the mean per-image IoU, normals summed angles over summed valid pixels, depth rmse the
+  square root of the summed squared errors over the summed valid pixels), Δm from the protocol's tasks, and the
+  interval is the 2.5 and 97.5 percentiles (numpy's linear rule). It measures the uncertainty
   from the choice of validation images only, not from training noise: the table says which interval a row has;
 - one seed and no per-image statistics: no interval.
 
@@ -42,6 +43,8 @@ LEVEL = 0.95
 # of a few operations (same integer sums, one division per class, fsum of per-image values): 1e-12 relative.
 RECOMPUTE_REL_TOL = 1e-12
 DELTA_M = "delta_m"
+# depth statistics: the squared-error sum each depth metric is the pooled root mean of
+DEPTH_SUMS = {"rmse": "sum_sq_err", "log_rmse": "sum_sq_log_err"}
 
 
 @dataclass(frozen=True)
@@ -135,8 +138,21 @@ def load_per_image(result_path: Path, data: Mapping[str, Any], protocol: Protoco
             if (sums > 180.0 * cnt).any() or cnt.sum() == 0:
                 raise ResultError(f"{src}: field {f!r}: angle sums above 180° per pixel, or no valid pixel")
             tasks[t.name] = {"n": cnt, "sum_deg": sums}
+        elif s.get("kind") == "depth":
+            # pooled over pixels: rmse = sqrt(sum sum_sq_err / sum n), log_rmse alike (benchmark.metrics.DepthMeter)
+            cnt = _array(s.get("n"), src, f"{f}.n", int, 1)
+            sq = {k: _array(s.get(k), src, f"{f}.{k}", float, 1) for k in DEPTH_SUMS.values()}
+            if cnt.shape != (n,) or any(a.shape != (n,) or (a < 0).any() for a in sq.values()) or (cnt < 0).any():
+                raise ResultError(f"{src}: field {f!r}: expected {n} valid-pixel counts and squared-error sums >= 0")
+            if cnt.sum() == 0 or any((a[cnt == 0] != 0).any() for a in sq.values()):
+                raise ResultError(f"{src}: field {f!r}: no valid pixel, or an error sum on an image without one")
+            if t.metric not in DEPTH_SUMS:
+                raise ResultError(
+                    f"{src}: field {f!r}: depth statistics reduce to {sorted(DEPTH_SUMS)}, not {t.metric}"
+                )
+            tasks[t.name] = {"n": cnt, "sum_sq": sq[DEPTH_SUMS[t.metric]]}
         else:
-            raise ResultError(f"{src}: field '{f}.kind': expected segmentation, saliency or normals")
+            raise ResultError(f"{src}: field '{f}.kind': expected segmentation, saliency, normals or depth")
     pi = PerImage(path, n, digest, tasks)
     for t in protocol.tasks:
         stated = float(data["metrics"][t.name][t.metric])
@@ -167,6 +183,8 @@ def exact_metric(pi: PerImage, task: str) -> float:
     if "counts" in s:
         iou = _sal_iou(s["counts"])
         return max(math.fsum(iou[:, j].tolist()) / iou.shape[0] for j in range(iou.shape[1]))
+    if "sum_sq" in s:
+        return math.sqrt(math.fsum(s["sum_sq"].tolist()) / int(s["n"].sum()))
     return math.fsum(s["sum_deg"].tolist()) / int(s["n"].sum())
 
 
@@ -194,6 +212,8 @@ def weighted_values(
             v = (inter / np.maximum(union, 1e-8)).mean(1)
         elif "counts" in s:
             v = ((w @ _sal_iou(s["counts"])) / w.sum(1, keepdims=True)).max(1)
+        elif "sum_sq" in s:
+            v = np.sqrt((w @ s["sum_sq"]) / (w @ s["n"].astype(np.float64)))
         else:
             v = (w @ s["sum_deg"]) / (w @ s["n"].astype(np.float64))
         out[t.name] = table_value(t, 1.0) * v

@@ -4,22 +4,26 @@ reference chosen by name), depth's formatting and bounds, and nyud.csv under `le
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import math
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
-from test_leaderboard import BASE, _edit_csv, main_table, run_cli, write_run
+from test_leaderboard import BASE, MTLORA64, _edit_csv, main_table, run_cli, write_run
 
-from benchmark.protocol import NYUD, PASCAL_CONTEXT, PROTOCOLS, REFERENCES, delta_m
-from benchmark.results import ResultError
+from benchmark.protocol import NYUD, PASCAL_CONTEXT, PROTOCOLS, REFERENCES, delta_m, table_value
+from benchmark.results import ResultError, make_run_id, per_image_path
 from leaderboard.aggregate import delta_m_rounding_tol, row_delta_m
 from leaderboard.checks import run_checks
 from leaderboard.data import PUBLISHED_DIR, load_published
 from leaderboard.errors import PublishedDataError
-from leaderboard.runs import validate_result
+from leaderboard.runs import load_results, validate_result
+from leaderboard.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PER_IMAGE_FORMAT, group_intervals
 from leaderboard.tables import task_decimals, task_header
 
 TADFORMER_REF = "tadformer-config-nyud-single-task"
@@ -275,3 +279,107 @@ def test_hostile_nyud_text_is_escaped(tmp_path, capsys, monkeypatch):
     data = Path("site/data.js").read_text()
     assert "<img" not in data and "<script>" not in data and "\\u003cimg" in data
     assert "<img" not in Path("site/index.html").read_text()
+
+
+# --------------------------------------------------------------------------- per-image statistics of depth
+
+
+def _nyud_doc(run_id: str, n: int, rng: random.Random) -> dict:
+    """Per-image statistics of a NYUD run in benchmark.metrics.per_image_statistics' form (one image without a
+    valid depth pixel: depth missing everywhere)."""
+    tasks: dict = {}
+    for t in NYUD.tasks:
+        if t.kind == "semseg":
+            union = [[rng.randint(0, 30) for _ in range(t.out_channels)] for _ in range(n)]
+            tasks[t.name] = {"kind": "segmentation", "union": union,
+                             "intersect": [[rng.randint(0, u) for u in row] for row in union]}  # fmt: skip
+        elif t.kind == "depth":
+            cnt = [0] + [rng.randint(1, 500) for _ in range(n - 1)]
+            tasks[t.name] = {"kind": "depth", "n": cnt, "sum_sq_err": [c * rng.uniform(0.1, 0.6) for c in cnt],
+                             "sum_sq_log_err": [c * rng.uniform(0.01, 0.1) for c in cnt]}  # fmt: skip
+        else:
+            cnt = [rng.randint(1, 40) for _ in range(n)]
+            tasks[t.name] = {"kind": "normals", "n": cnt, "sum_deg": [c * rng.uniform(10, 40) for c in cnt]}
+    return {"format": PER_IMAGE_FORMAT, "version": 1, "run_id": run_id, "n_images": n, "images_sha256": "b" * 64,
+            "tasks": tasks}  # fmt: skip
+
+
+def _nyud_metrics(doc: dict, idx: list[int]) -> dict[str, float]:
+    """Table values of the images ``idx`` (with repeats), the meters' formulas written out in plain Python."""
+    out = {}
+    for t in NYUD.tasks:
+        s = doc["tasks"][t.name]
+        if s["kind"] == "segmentation":
+            c = len(s["union"][0])
+            inter = [sum(s["intersect"][i][k] for i in idx) for k in range(c)]
+            union = [sum(s["union"][i][k] for i in idx) for k in range(c)]
+            out[t.name] = 100 * sum(i / max(u, 1e-8) for i, u in zip(inter, union, strict=True)) / c
+        elif s["kind"] == "depth":
+            out[t.name] = math.sqrt(sum(s["sum_sq_err"][i] for i in idx) / sum(s["n"][i] for i in idx))
+        else:
+            out[t.name] = sum(s["sum_deg"][i] for i in idx) / sum(s["n"][i] for i in idx)
+    return out
+
+
+def _write_nyud_run_with_images(root: Path, n: int = 9) -> tuple[Path, dict]:
+    run_id = make_run_id(NYUD.name, NYUD.version, "mtlora", MTLORA64, [0])
+    doc = _nyud_doc(run_id, n, random.Random(5))
+    vals = _nyud_metrics(doc, list(range(n)))
+    path = write_run(root, vals=vals, protocol=NYUD)
+    data = json.loads(path.read_text())
+    # the stored metrics to the last bit as the statistics reduce (fsum, as the meters; write_run divides by 100)
+    seg = doc["tasks"]["semseg"]
+    inter = [sum(col) for col in zip(*seg["intersect"], strict=True)]
+    union = [sum(col) for col in zip(*seg["union"], strict=True)]
+    data["metrics"]["semseg"]["mIoU"] = math.fsum(i / max(u, 1e-8) for i, u in zip(inter, union, strict=True)) / len(
+        union
+    )
+    data["metrics"]["depth"]["rmse"] = math.sqrt(math.fsum(doc["tasks"]["depth"]["sum_sq_err"]) / sum(
+        doc["tasks"]["depth"]["n"]))  # fmt: skip
+    data["metrics"]["normals"]["mean"] = math.fsum(doc["tasks"]["normals"]["sum_deg"]) / sum(
+        doc["tasks"]["normals"]["n"]
+    )
+    table = {t.name: table_value(t, data["metrics"][t.name][t.metric]) for t in NYUD.tasks}
+    data["delta_m"]["value"] = delta_m(table, REFERENCES[NYUD.reference].values, NYUD.tasks)
+    path.write_text(json.dumps(data))
+    per_image_path(path).write_bytes(gzip.compress(json.dumps(doc).encode()))
+    return path, doc
+
+
+def test_depth_per_image_statistics_give_a_bootstrap_interval(tmp_path):
+    """A one-seed NYUD run with per-image statistics: depth rmse pooled over pixels reduces to the stated metric,
+    and its bootstrap interval is the one an explicit resampling of the images gives."""
+    path, doc = _write_nyud_run_with_images(tmp_path / "results")
+    loaded = load_results([tmp_path / "results"])
+    assert not loaded.errors, loaded.errors
+    run = loaded.runs[0]
+    assert run.per_image is not None
+    iv = group_intervals([run], NYUD)
+    n = doc["n_images"]
+    idx = np.random.default_rng(BOOTSTRAP_SEED).integers(0, n, size=(BOOTSTRAP_RESAMPLES, n)).tolist()
+    ref = REFERENCES[NYUD.reference].values
+    draws = [_nyud_metrics(doc, row) for row in idx]
+    for d in draws:
+        d["delta_m"] = delta_m(d, ref, NYUD.tasks)
+    for k in (*NYUD.task_names, "delta_m"):
+        lo, hi = np.percentile([d[k] for d in draws], [2.5, 97.5])
+        assert iv[k].lower == pytest.approx(lo, rel=1e-9) and iv[k].upper == pytest.approx(hi, rel=1e-9), k
+    assert iv["depth"].lower < run.table_values()["depth"] < iv["depth"].upper
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["sum_sq_err"].__setitem__(1, d["sum_sq_err"][1] * 1.5), "tasks.depth reduce to rmse"),
+        (lambda d: d["sum_sq_err"].__setitem__(0, 1.0), "an error sum on an image without one"),
+        (lambda d: d["n"].__setitem__(2, -1), "valid-pixel counts and squared-error sums >= 0"),
+        (lambda d: d.pop("sum_sq_log_err"), "field 'tasks.depth.sum_sq_log_err': expected a 1-D array"),
+    ],
+    ids=["tampered", "sum_without_pixels", "negative_count", "missing_log"],
+)
+def test_bad_depth_statistics_are_refused(tmp_path, edit, message):
+    path, doc = _write_nyud_run_with_images(tmp_path / "results")
+    edit(doc["tasks"]["depth"])
+    per_image_path(path).write_bytes(gzip.compress(json.dumps(doc).encode()))
+    loaded = load_results([tmp_path / "results"])
+    assert len(loaded.errors) == 1 and message in loaded.errors[0], loaded.errors
