@@ -200,19 +200,21 @@ def compare_runs(a: Sequence[Run], b: Sequence[Run]) -> Comparison:
 def render(c: Comparison, a_label: str, b_label: str, protocol: Protocol) -> str:
     from tabulate import tabulate
 
-    from leaderboard.tables import task_header
+    from leaderboard.tables import task_decimals, task_header
     from leaderboard.validate import md_cell
 
     rows = []
     for r in c.rows:
         head = "Δm % ↑" if r.key == DELTA_M else task_header(protocol, r.key)
+        # one decimal more than the leaderboard prints (3 for percentages and degrees, 4 for depth in metres)
+        d = 3 if r.key == DELTA_M else task_decimals(protocol, protocol.task(r.key)) + 1
         rows.append(
             [
                 head,
-                f"{r.a:.3f}",
-                f"{r.b:.3f}",
-                f"{r.diff:+.3f}",
-                f"[{r.lower:+.3f}, {r.upper:+.3f}]",
+                f"{r.a:.{d}f}",
+                f"{r.b:.{d}f}",
+                f"{r.diff:+.{d}f}",
+                f"[{r.lower:+.{d}f}, {r.upper:+.{d}f}]",
                 f"{r.p_value:.4f}",
             ]
         )

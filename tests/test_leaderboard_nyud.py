@@ -383,3 +383,19 @@ def test_bad_depth_statistics_are_refused(tmp_path, edit, message):
     per_image_path(path).write_bytes(gzip.compress(json.dumps(doc).encode()))
     loaded = load_results([tmp_path / "results"])
     assert len(loaded.errors) == 1 and message in loaded.errors[0], loaded.errors
+
+
+def test_compare_two_nyud_configurations(tmp_path, capsys):
+    """`leaderboard compare` on NYUD runs: per NYUD task and Δm, depth one decimal finer than the table."""
+    for seed, d in enumerate((0.0, 0.01, 0.02)):
+        write_run(tmp_path / "a", seed=seed, vals={**NYUD_VALS, "depth": NYUD_VALS["depth"] + d}, protocol=NYUD)
+        write_run(tmp_path / "b", seed=seed, vals={**NYUD_VALS, "depth": NYUD_VALS["depth"] + 2 * d + 0.05},
+                  protocol=NYUD)  # fmt: skip
+    rc, out, err = run_cli(capsys, "compare", tmp_path / "a", tmp_path / "b")
+    assert rc == 0, err
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in out.splitlines()
+            if line.startswith("| ")}  # fmt: skip
+    assert [h for h in rows if h] == [task_header(NYUD, t) for t in NYUD.task_names] + ["Δm % ↑"]
+    depth = rows[task_header(NYUD, "depth")]
+    assert depth[0] == f"{NYUD_VALS['depth'] + 0.01:.4f}" and depth[1] == f"{NYUD_VALS['depth'] + 0.07:.4f}"
+    assert depth[2] == "-0.0600" and "paired t-test over the 3 common seeds" in out
