@@ -3,7 +3,8 @@
 1. ``results``: every result file validates (schema, known protocol version, metrics of every task,
    stored Δm equal to the one recomputed from the metrics, unique run ids).
 2. ``published-delta-m``: each published row's printed Δm matches the Δm recomputed from its own
-   per-task values within rounding (``DELTA_M_ROUNDING_TOL``), unless it is listed as a known
+   per-task values within rounding (``delta_m_rounding_tol``: the error model of 2-decimal printing against the
+   reference the row names), unless it is listed as a known
    inconsistency, and every listed inconsistency is still one (so the list cannot rot).
    ``reference-row``: a published single-task row equals the reference it names.
 3. ``params``: the harness reproduces the expected parameter counts (``expected_params.csv``) at the
@@ -32,12 +33,12 @@ from typing import Any
 
 from benchmark.protocol import PROTOCOLS, Protocol, get_reference
 from leaderboard.aggregate import (
-    DELTA_M_ROUNDING_TOL,
     canonical_config,
     delta_m_mismatch,
     encoder_side,
     reproduced_frame,
     row_delta_m,
+    row_rounding_tol,
 )
 from leaderboard.build import collect
 from leaderboard.data import (
@@ -139,28 +140,33 @@ def check_published_delta_m(
     protocol: Protocol,
     known: Mapping[str, KnownInconsistency],
     report: CheckReport,
-    tol: float = DELTA_M_ROUNDING_TOL,
+    tol: float | None = None,
 ) -> None:
-    """Printed vs recomputed Δm of every published row; listed inconsistencies must still be inconsistent."""
+    """Printed vs recomputed Δm of every published row; listed inconsistencies must still be inconsistent.
+
+    ``tol``: the allowed gap; None (the default) takes each row's rounding bound (``row_rounding_tol``)."""
     ids = {r.id for r in rows}
     n_bad = report.count("published-delta-m")
+    tols = []
     for row in rows:
+        row_tol = row_rounding_tol(row, protocol) if tol is None else tol
+        tols.append(row_tol)
         gap = delta_m_mismatch(row, protocol)
         recomputed = row_delta_m(row, protocol)
         where = f"{row.file}, row {row.row} ({row.id}, {row.label})"
         if row.id in known:
-            if gap <= tol:
+            if gap <= row_tol:
                 report.fail(
                     "published-delta-m",
                     f"{where}: listed in known_inconsistencies.csv but printed Δm {row.delta_m_printed:+.2f} now "
-                    f"matches the recomputed {recomputed:+.3f} within {tol}; remove the listing",
+                    f"matches the recomputed {recomputed:+.3f} within {row_tol:.4f}; remove the listing",
                 )
-        elif gap > tol:
+        elif gap > row_tol:
             report.fail(
                 "published-delta-m",
                 f"{where}: printed Δm {row.delta_m_printed:+.2f} but its per-task values give {recomputed:+.3f} "
-                f"against {row.reference!r} (|diff| {gap:.3f} > {tol}, more than rounding); fix the row or list it in "
-                "known_inconsistencies.csv with the reason",
+                f"against {row.reference!r} (|diff| {gap:.3f} > {row_tol:.4f}, more than rounding); fix the row or "
+                "list it in known_inconsistencies.csv with the reason",
             )
         if row.method == "single_task":
             ref = get_reference(row.reference)
@@ -173,8 +179,12 @@ def check_published_delta_m(
                 report.fail("reference-row", f"{where}: single-task row differs from reference {ref.name!r}: {diffs}")
     if report.count("published-delta-m") == n_bad:
         listed = sorted(k for k in known if k in ids)
+        bound = (
+            f"{min(tols):.4f}" if min(tols, default=0) == max(tols, default=0) else f"{min(tols):.4f}-{max(tols):.4f}"
+        )
         report.passed.append(
-            f"published-delta-m: {len(rows) - len(listed)} {protocol.name} row(s) match their recomputed Δm within {tol}"
+            f"published-delta-m: {len(rows) - len(listed)} {protocol.name} row(s) match their recomputed Δm within "
+            f"rounding ({bound})"
             + (f"; known inconsistencies still inconsistent: {', '.join(listed)}" if listed else "")
         )
 
@@ -188,12 +198,14 @@ def _set_value(v: Any) -> str:
 
 
 def param_probe_argv(exp: ExpectedParams, python: str | None = None) -> list[str]:
-    """``python -m benchmark.cli --method M --preset P --dry-run --json [--set k=v ...]``.
+    """``python -m benchmark.cli --method M --preset P [--protocol NAME] --dry-run --json [--set k=v ...]``.
 
     One ``--set`` followed by every pair: the option takes several values, and a repeated ``--set``
     would replace the earlier ones.
     """
     argv = [python or sys.executable, "-m", "benchmark.cli", "--method", exp.method, "--preset", exp.preset]
+    if exp.protocol:
+        argv += ["--protocol", exp.protocol]
     argv += ["--dry-run", "--json"]
     if exp.config:
         argv += ["--set", *(f"{k}={_set_value(exp.config[k])}" for k in sorted(exp.config))]
@@ -330,7 +342,7 @@ def check_published_params(
         if row.method not in names:
             absent.add(row.method)
             continue
-        exp = ExpectedParams(row.method, row.config, "paper")
+        exp = ExpectedParams(row.method, row.config, "paper", protocol=row.protocol)
         argv = param_probe_argv(exp)
         where = f"{row.file}, row {row.row} ({row.id}, {row.label})"
         out = runner(argv, timeout)

@@ -1,7 +1,7 @@
 """``leaderboard``: build the leaderboard, check it for regressions, validate result files.
 
     leaderboard build results/ -o LEADERBOARD.md --plot docs/pareto.png [--csv leaderboard.csv] [--html site/]
-                      [--no-published]
+                      [--no-published] [--reference PROTOCOL=NAME ...]
     leaderboard compare A B     (A, B: result files or folders, one configuration each)
     leaderboard check [results/] [--leaderboard LEADERBOARD.md] [--skip-params]
     leaderboard validate results/
@@ -55,6 +55,38 @@ def check_published_dir(path: Path | None) -> None:
         raise LeaderboardError(f"--published-dir {path}: holds no published-data file (expected one of {expected})")
 
 
+def reference_choice(text: str) -> tuple[str, str]:
+    """``--reference PROTOCOL=NAME``: the single-task reference (``benchmark.protocol.REFERENCES``) that the Δm of
+    PROTOCOL's section is measured against; it must be a reference of that protocol."""
+    from benchmark.protocol import PROTOCOLS, REFERENCES
+
+    protocol, sep, name = text.partition("=")
+    if not sep or not protocol or not name:
+        raise argparse.ArgumentTypeError(
+            f"expected PROTOCOL=NAME (e.g. nyud=tadformer-config-nyud-single-task), got {text!r}"
+        )
+    if protocol not in PROTOCOLS:
+        raise argparse.ArgumentTypeError(f"unknown protocol {protocol!r} in {text!r}; known: {sorted(PROTOCOLS)}")
+    mine = sorted(r.name for r in REFERENCES.values() if r.protocol == protocol)
+    if name not in mine:
+        raise argparse.ArgumentTypeError(
+            f"{name!r} is no single-task reference of protocol {protocol!r}; known: {mine}"
+        )
+    return protocol, name
+
+
+def _references(pairs: Sequence[tuple[str, str]] | None) -> dict[str, str] | str:
+    """``--reference`` pairs as {protocol: reference}, or the usage error when a protocol is named twice."""
+    out: dict[str, str] = {}
+    for protocol, name in pairs or ():
+        if out.get(protocol, name) != name:
+            return (
+                f"argument --reference: protocol {protocol!r} named twice ({out[protocol]}, {name}); one per protocol"
+            )
+        out[protocol] = name
+    return out
+
+
 def _build(args: argparse.Namespace) -> int:
     from leaderboard.build import collect, section_plot_path
     from leaderboard.checks import default_plot_link
@@ -66,7 +98,9 @@ def _build(args: argparse.Namespace) -> int:
             check_output_file(flag, value)
     if args.html:
         check_output_dir("--html", args.html)
-    lb = collect(args.results, include_published=args.published, data_dir=args.published_dir)
+    lb = collect(
+        args.results, include_published=args.published, data_dir=args.published_dir, references=args.references
+    )
     for m in lb.messages:
         print(f"leaderboard: {m}", file=sys.stderr)
     out_path = Path(args.output) if args.output else Path("LEADERBOARD.md")
@@ -78,7 +112,8 @@ def _build(args: argparse.Namespace) -> int:
         from leaderboard.plot import render_png
 
         for s in lb.sections:
-            pngs[section_plot_path(args.plot, s, len(lb.sections))] = render_png(s)
+            if s.plotted:  # a section without a plottable row gets no (empty) plot; its markdown says so
+                pngs[section_plot_path(args.plot, s, len(lb.sections))] = render_png(s)
     csv_text = frame_to_csv(lb) if args.csv else None
     site = None
     if args.html:
@@ -188,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--html", help="also write the leaderboard as a static web page (DIR/index.html, works offline)")
     b.add_argument("--published", action=argparse.BooleanOptionalAction, default=True, help="include published rows")
     b.add_argument("--published-dir", type=Path, default=None, help=data_help)
+    b.add_argument(
+        "--reference",
+        action="append",
+        type=reference_choice,
+        metavar="PROTOCOL=NAME",
+        help="measure PROTOCOL's Δm against the single-task reference NAME instead of the protocol's default "
+        "(repeatable, one per protocol)",
+    )
     b.set_defaults(func=_build)
 
     c = sub.add_parser("check", help="regression checks (CI): results, published Δm, parameter counts, staleness")
@@ -215,7 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if hasattr(args, "reference"):
+        args.references = _references(args.reference)
+        if isinstance(args.references, str):
+            ap.error(args.references)  # exit 2, like every other usage error
     try:
         return args.func(args)
     except LeaderboardError as e:

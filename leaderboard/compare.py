@@ -145,8 +145,9 @@ def compare_runs(a: Sequence[Run], b: Sequence[Run]) -> Comparison:
     refuse_incomparable(a, b)
     protocol: Protocol = a[0].protocol
     keys = (*protocol.task_names, DELTA_M)
-    va = [run_values(r.data, protocol) for r in a]
-    vb = [run_values(r.data, protocol) for r in b]
+    reference = a[0].data["delta_m"]["reference"]  # one reference on both sides (refuse_incomparable)
+    va = [run_values(r.data, protocol, reference) for r in a]
+    vb = [run_values(r.data, protocol, reference) for r in b]
     mean_a = {k: math.fsum(v[k] for v in va) / len(va) for k in keys}
     mean_b = {k: math.fsum(v[k] for v in vb) / len(vb) for k in keys}
     rows = []
@@ -172,7 +173,7 @@ def compare_runs(a: Sequence[Run], b: Sequence[Run]) -> Comparison:
         same = pa.images_sha256 == pb.images_sha256
         wa = resample_weights(pa.n_images, seed=BOOTSTRAP_SEED)
         wb = wa if same else resample_weights(pb.n_images, seed=BOOTSTRAP_SEED + 1)
-        ba, bb = weighted_values(pa, protocol, wa), weighted_values(pb, protocol, wb)
+        ba, bb = weighted_values(pa, protocol, wa, reference), weighted_values(pb, protocol, wb, reference)
         for k in keys:
             d = ba[k] - bb[k]
             lo, hi = np.percentile(d, [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2])
@@ -199,19 +200,21 @@ def compare_runs(a: Sequence[Run], b: Sequence[Run]) -> Comparison:
 def render(c: Comparison, a_label: str, b_label: str, protocol: Protocol) -> str:
     from tabulate import tabulate
 
-    from leaderboard.tables import task_header
+    from leaderboard.tables import task_decimals, task_header
     from leaderboard.validate import md_cell
 
     rows = []
     for r in c.rows:
         head = "Δm % ↑" if r.key == DELTA_M else task_header(protocol, r.key)
+        # one decimal more than the leaderboard prints (3 for percentages and degrees, 4 for depth in metres)
+        d = 3 if r.key == DELTA_M else task_decimals(protocol, protocol.task(r.key)) + 1
         rows.append(
             [
                 head,
-                f"{r.a:.3f}",
-                f"{r.b:.3f}",
-                f"{r.diff:+.3f}",
-                f"[{r.lower:+.3f}, {r.upper:+.3f}]",
+                f"{r.a:.{d}f}",
+                f"{r.b:.{d}f}",
+                f"{r.diff:+.{d}f}",
+                f"[{r.lower:+.{d}f}, {r.upper:+.{d}f}]",
                 f"{r.p_value:.4f}",
             ]
         )

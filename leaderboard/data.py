@@ -115,6 +115,7 @@ class ExpectedParams:
     counts: dict[str, int | None] = field(default_factory=dict)  # keys: PARAM_FIELDS
     source: str = ""
     row: int = 0
+    protocol: str = ""  # the protocol to count under ("": the harness's default protocol)
 
 
 # --------------------------------------------------------------------------- CSV plumbing

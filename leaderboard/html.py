@@ -26,11 +26,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from benchmark.protocol import get_reference
 from leaderboard.build import Leaderboard, Section
 from leaderboard.data import PARAM_POLICIES, UNSTATED
 from leaderboard.stats import NO_INTERVAL
-from leaderboard.tables import MISMATCH, UNVERIFIED, _encoder_cell, _params_cell, task_header
+from leaderboard.tables import MISMATCH, UNVERIFIED, _encoder_cell, _params_cell, task_decimals, task_header
 
 SITE_ASSETS = ("leaderboard.js", "leaderboard.css")
 FILTER_FIELDS = (
@@ -61,12 +60,14 @@ def _set_value(v: Any) -> str:
 
 
 def reproduce_command(data: dict[str, Any]) -> str:
-    """The ``run_benchmark`` command that reruns one result (its method, config, preset, seed, selection rule)."""
+    """The ``run_benchmark`` command that reruns one result (its method, config, preset, seed, protocol, selection
+    rule)."""
     argv = ["run_benchmark", "--method", data["method"]["name"], "--preset", data["preset"]]
     argv += ["--seed", *(str(s) for s in data["seeds"])]
     config = data["method"]["config"]
     if config:
         argv += ["--set", *(f"{k}={_set_value(v)}" for k, v in sorted(config.items()))]
+    argv += ["--protocol", data["protocol"]["name"]]
     if data["selection"].get("rule") == "best":
         argv += ["--select", "best"]
     if data["preset"] == "paper":
@@ -90,7 +91,7 @@ def _run_entry(run: Any) -> dict[str, Any]:
 
 def _row_entry(row: dict[str, Any], section: Section, runs_by_id: dict[str, Any]) -> dict[str, Any]:
     p = section.protocol
-    ref = get_reference(p.reference)
+    ref = section.reference
     keys = (*p.task_names, "delta_m")
     reproduced = row["kind"] == "reproduced"
     flags = []
@@ -161,17 +162,28 @@ def site_data(lb: Leaderboard) -> dict[str, Any]:
     sections = []
     for s in lb.sections:
         p = s.protocol
-        ref = get_reference(p.reference)
+        ref = s.reference
         rows = [_row_entry(r, s, runs_by_id) for r in s.frame.to_dict("records")]
         sections.append(
             {
                 "id": f"{p.name}-v{p.version}",
                 "title": f"{p.name} v{p.version} ({p.backbone}, {p.image_size}×{p.image_size}, {len(p.tasks)} tasks)",
                 "tasks": [
-                    {"name": t.name, "header": task_header(p, t.name), "higher_is_better": t.higher_is_better}
+                    {
+                        "name": t.name,
+                        "header": task_header(p, t.name),
+                        "higher_is_better": t.higher_is_better,
+                        "decimals": task_decimals(p, t),
+                    }
                     for t in p.tasks
                 ],
-                "reference": {"name": ref.name, "values": dict(ref.values), "source": ref.source},
+                "reference": {
+                    "name": ref.name,
+                    "values": dict(ref.values),
+                    "source": ref.source,
+                    "default": ref.name == p.reference,
+                    "default_name": p.reference,
+                },
                 "rows": rows,
                 "filters": [
                     {"field": f, "label": label, "values": sorted({str(r[f]) for r in rows if r[f] != ""})}
@@ -210,8 +222,13 @@ def _index_html(lb: Leaderboard, data: dict[str, Any]) -> str:
         parts += [
             f'<section class="protocol" id="{sid}" data-section="{sid}">',
             f"<h2>{e(s['title'])}</h2>",
-            f'<p class="reference">Δm against <code>{e(s["reference"]["name"])}</code> '
-            f"({e(s['reference']['source'])}).</p>",
+            f'<p class="reference">Δm against the single-task reference <code>{e(s["reference"]["name"])}</code> '
+            + (
+                "(the protocol's default; "
+                if s["reference"]["default"]
+                else f"(chosen by name; the default is <code>{e(s['reference']['default_name'])}</code>; "
+            )
+            + f"source: {e(s['reference']['source'])}).</p>",
             '<div class="filters">',
         ]
         for f in s["filters"]:

@@ -8,7 +8,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmark.protocol import get_reference
 from benchmark.results import atomic_write_bytes
 from leaderboard.build import Section
 
@@ -47,12 +46,8 @@ def render_png(section: Section, dpi: int = 150) -> bytes:
     import matplotlib.pyplot as plt
 
     p = section.protocol
-    ref = get_reference(p.reference)
-    rows = [
-        r
-        for r in section.frame.to_dict("records")
-        if not (math.isnan(r["params_m"]) or math.isnan(r["delta_m"]) or r["params_m"] <= 0)
-    ]
+    ref = section.reference
+    rows = section.plotted
     with plt.rc_context({"font.size": 9, "svg.hashsalt": "leaderboard"}):
         fig, ax = plt.subplots(figsize=(10, 6.6), layout="constrained")
         xs = [r["params_m"] for r in rows]

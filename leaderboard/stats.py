@@ -9,8 +9,9 @@ Intervals (every per-task metric and Δm of a reproduced row, in table units):
   bootstrap over the validation images of that run. ``BOOTSTRAP_RESAMPLES`` resamples of the images with
   replacement, drawn by ``numpy.random.default_rng(BOOTSTRAP_SEED).integers(0, N, (B, N))``; each resample is
   reduced exactly as the meters reduce (dataset IoU per class from summed intersections and unions, saliency
-  max over thresholds of the mean per-image IoU, normals summed angles over summed valid pixels), Δm from the
-  four, and the interval is the 2.5 and 97.5 percentiles (numpy's linear rule). It measures the uncertainty
+  max over thresholds of the mean per-image IoU, normals summed angles over summed valid pixels, depth rmse the
+  square root of the summed squared errors over the summed valid pixels), Δm from the protocol's tasks, and the
+  interval is the 2.5 and 97.5 percentiles (numpy's linear rule). It measures the uncertainty
   from the choice of validation images only, not from training noise: the table says which interval a row has;
 - one seed and no per-image statistics: no interval.
 
@@ -42,6 +43,8 @@ LEVEL = 0.95
 # of a few operations (same integer sums, one division per class, fsum of per-image values): 1e-12 relative.
 RECOMPUTE_REL_TOL = 1e-12
 DELTA_M = "delta_m"
+# depth statistics: the squared-error sum each depth metric is the pooled root mean of
+DEPTH_SUMS = {"rmse": "sum_sq_err", "log_rmse": "sum_sq_log_err"}
 
 
 @dataclass(frozen=True)
@@ -135,8 +138,21 @@ def load_per_image(result_path: Path, data: Mapping[str, Any], protocol: Protoco
             if (sums > 180.0 * cnt).any() or cnt.sum() == 0:
                 raise ResultError(f"{src}: field {f!r}: angle sums above 180° per pixel, or no valid pixel")
             tasks[t.name] = {"n": cnt, "sum_deg": sums}
+        elif s.get("kind") == "depth":
+            # pooled over pixels: rmse = sqrt(sum sum_sq_err / sum n), log_rmse alike (benchmark.metrics.DepthMeter)
+            cnt = _array(s.get("n"), src, f"{f}.n", int, 1)
+            sq = {k: _array(s.get(k), src, f"{f}.{k}", float, 1) for k in DEPTH_SUMS.values()}
+            if cnt.shape != (n,) or any(a.shape != (n,) or (a < 0).any() for a in sq.values()) or (cnt < 0).any():
+                raise ResultError(f"{src}: field {f!r}: expected {n} valid-pixel counts and squared-error sums >= 0")
+            if cnt.sum() == 0 or any((a[cnt == 0] != 0).any() for a in sq.values()):
+                raise ResultError(f"{src}: field {f!r}: no valid pixel, or an error sum on an image without one")
+            if t.metric not in DEPTH_SUMS:
+                raise ResultError(
+                    f"{src}: field {f!r}: depth statistics reduce to {sorted(DEPTH_SUMS)}, not {t.metric}"
+                )
+            tasks[t.name] = {"n": cnt, "sum_sq": sq[DEPTH_SUMS[t.metric]]}
         else:
-            raise ResultError(f"{src}: field '{f}.kind': expected segmentation, saliency or normals")
+            raise ResultError(f"{src}: field '{f}.kind': expected segmentation, saliency, normals or depth")
     pi = PerImage(path, n, digest, tasks)
     for t in protocol.tasks:
         stated = float(data["metrics"][t.name][t.metric])
@@ -167,6 +183,8 @@ def exact_metric(pi: PerImage, task: str) -> float:
     if "counts" in s:
         iou = _sal_iou(s["counts"])
         return max(math.fsum(iou[:, j].tolist()) / iou.shape[0] for j in range(iou.shape[1]))
+    if "sum_sq" in s:
+        return math.sqrt(math.fsum(s["sum_sq"].tolist()) / int(s["n"].sum()))
     return math.fsum(s["sum_deg"].tolist()) / int(s["n"].sum())
 
 
@@ -181,8 +199,11 @@ def resample_weights(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = B
     return w
 
 
-def weighted_values(pi: PerImage, protocol: Protocol, w: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-task primary metric (table units) and Δm for each row of image weights ``w`` [B, N]."""
+def weighted_values(
+    pi: PerImage, protocol: Protocol, w: np.ndarray, reference: str | None = None
+) -> dict[str, np.ndarray]:
+    """Per-task primary metric (table units) and Δm (against ``reference``, default the protocol's) for each row of
+    image weights ``w`` [B, N]."""
     out: dict[str, np.ndarray] = {}
     for t in protocol.tasks:
         s = pi.tasks[t.name]
@@ -191,10 +212,12 @@ def weighted_values(pi: PerImage, protocol: Protocol, w: np.ndarray) -> dict[str
             v = (inter / np.maximum(union, 1e-8)).mean(1)
         elif "counts" in s:
             v = ((w @ _sal_iou(s["counts"])) / w.sum(1, keepdims=True)).max(1)
+        elif "sum_sq" in s:
+            v = np.sqrt((w @ s["sum_sq"]) / (w @ s["n"].astype(np.float64)))
         else:
             v = (w @ s["sum_deg"]) / (w @ s["n"].astype(np.float64))
         out[t.name] = table_value(t, 1.0) * v
-    ref = get_reference(protocol.reference).values
+    ref = get_reference(reference or protocol.reference).values
     out[DELTA_M] = np.array(
         [delta_m({t: float(out[t][b]) for t in protocol.task_names}, ref, protocol.tasks) for b in range(len(w))]
     )
@@ -207,9 +230,9 @@ def _percentile_interval(values: np.ndarray, method: str) -> Interval:
     return Interval(float(lo), float(hi), method)
 
 
-def bootstrap_intervals(pi: PerImage, protocol: Protocol) -> dict[str, Interval]:
+def bootstrap_intervals(pi: PerImage, protocol: Protocol, reference: str | None = None) -> dict[str, Interval]:
     w = resample_weights(pi.n_images)
-    vals = weighted_values(pi, protocol, w)
+    vals = weighted_values(pi, protocol, w, reference)
     method = f"bootstrap over {pi.n_images} validation images ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED})"
     return {k: _percentile_interval(v, method) for k, v in vals.items()}
 
@@ -227,21 +250,23 @@ def t_interval(values: Sequence[float]) -> tuple[float, float]:
     return mean - h, mean + h
 
 
-def run_values(data: Mapping[str, Any], protocol: Protocol) -> dict[str, float]:
-    """One run's per-task primary metrics in table units, and its Δm."""
+def run_values(data: Mapping[str, Any], protocol: Protocol, reference: str | None = None) -> dict[str, float]:
+    """One run's per-task primary metrics in table units, and its Δm against ``reference`` (default: the
+    protocol's)."""
     vals = {t.name: table_value(t, float(data["metrics"][t.name][t.metric])) for t in protocol.tasks}
-    vals[DELTA_M] = delta_m(vals, get_reference(protocol.reference).values, protocol.tasks)
+    vals[DELTA_M] = delta_m(vals, get_reference(reference or protocol.reference).values, protocol.tasks)
     return vals
 
 
-def group_intervals(runs: Sequence[Any], protocol: Protocol) -> dict[str, Interval]:
-    """The 95% interval of every per-task value and of Δm for one reproduced row (empty: none available)."""
+def group_intervals(runs: Sequence[Any], protocol: Protocol, reference: str | None = None) -> dict[str, Interval]:
+    """The 95% interval of every per-task value and of Δm (against ``reference``, default the protocol's) for one
+    reproduced row (empty: none available)."""
     if len(runs) >= 2:
-        per_run = [run_values(r.data, protocol) for r in runs]
+        per_run = [run_values(r.data, protocol, reference) for r in runs]
         method = f"t-interval over {len(runs)} seeds"
         return {k: Interval(*t_interval([v[k] for v in per_run]), method) for k in per_run[0]}
     if len(runs) == 1 and getattr(runs[0], "per_image", None) is not None:
-        return bootstrap_intervals(runs[0].per_image, protocol)
+        return bootstrap_intervals(runs[0].per_image, protocol, reference)
     return {}
 
 

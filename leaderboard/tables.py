@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 from tabulate import tabulate
 
-from benchmark.protocol import Protocol, get_reference
-from leaderboard.aggregate import DELTA_M_ROUNDING_TOL
+from benchmark.protocol import Protocol, Reference, TaskSpec, get_reference
+from leaderboard.aggregate import row_delta_m, row_rounding_tol
 from leaderboard.build import Leaderboard, Section, section_plot_path
 from leaderboard.data import ALL_TRAINABLE, ENCODER_SIDE, PARAM_POLICIES, UNSTATED
 from leaderboard.validate import csv_cell, md_cell
@@ -20,6 +21,32 @@ UNVERIFIED = "†"
 MISMATCH = "⚠"
 FOREIGN_POLICY = "‡"  # a published count made under another counting policy than the protocol's
 UNSTATED_POLICY = "?"  # a published count whose source does not say how it counted
+
+
+# Per-task values are shown with at least MIN_DECIMALS decimals and at least SIGNIFICANT significant digits at the
+# scale of the protocol's default reference value: 2 decimals for mIoU in % (67.21) and angles in degrees (17.97),
+# 3 for a depth rmse in metres (0.600). Derived from the data, so a new task kind needs no entry here.
+MIN_DECIMALS = 2
+SIGNIFICANT = 3
+
+
+def task_decimals(protocol: Protocol, task: TaskSpec) -> int:
+    """Decimals of ``task``'s values in tables (the rule above)."""
+    v = abs(float(get_reference(protocol.reference).values.get(task.name, 0.0)))
+    if v == 0 or not math.isfinite(v):
+        return MIN_DECIMALS
+    return max(MIN_DECIMALS, SIGNIFICANT - 1 - math.floor(math.log10(v)))
+
+
+def units_text(tasks: Sequence[TaskSpec]) -> str:
+    """How each task's values are given, from the protocol's task records: percentages where the task reports a
+    fraction x100, else the metric's own unit; with the direction."""
+    parts = [
+        f"{t.label} {'in %' if t.percent else 'in its own unit'} ({'higher' if t.higher_is_better else 'lower'} "
+        "is better)"
+        for t in tasks
+    ]
+    return ", ".join(parts)
 
 
 def arrow(higher_is_better: bool) -> str:
@@ -46,12 +73,13 @@ def half_width(row: dict[str, Any], key: str) -> float:
     return math.nan if _isnan(lo) or _isnan(hi) else (hi - lo) / 2
 
 
-def value_cell(row: dict[str, Any], key: str, spec: str = ".2f") -> str:
+def value_cell(row: dict[str, Any], key: str, decimals: int = 2, sign: bool = False) -> str:
     """``value ± half-width`` of the 95% interval where the row has one, else the bare value."""
     v, h = row[key], half_width(row, key)
     if _isnan(v):
         return MISSING
-    return format(v, spec) if _isnan(h) else f"{format(v, spec)} ± {h:.2f}"
+    text = format(v, f"{'+' if sign else ''}.{decimals}f")
+    return text if _isnan(h) else f"{text} ± {h:.{decimals}f}"
 
 
 def _source_cell(row: dict[str, Any], section: Section) -> str:
@@ -104,8 +132,8 @@ def table_rows(section: Section) -> tuple[list[str], list[list[str]]]:
                 row["method"] if reproduced else row["label"] + (f" [{row['init']}]" if row["init_differs"] else ""),
                 row["config_text"],
                 _source_cell(row, section),
-                *(value_cell(row, t) for t in p.task_names),
-                value_cell(row, "delta_m", "+.2f"),
+                *(value_cell(row, t.name, task_decimals(p, t)) for t in p.tasks),
+                value_cell(row, "delta_m", 2, sign=True),
                 printed,
                 _params_cell(row),
                 _encoder_cell(row),
@@ -122,21 +150,21 @@ def markdown_table(headers: list[str], rows: list[list[str]], align: list[str]) 
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, colalign=align)
 
 
-def _reference_line(p: Protocol) -> str:
-    ref = get_reference(p.reference)
+def _reference_line(p: Protocol, ref: Reference) -> str:
     vals = ", ".join(f"{p.task(t).label} {ref.values[t]:g}" for t in p.task_names)
+    which = "the protocol's default" if ref.name == p.reference else f"chosen by name; the default is `{p.reference}`"
     return (
-        f"Δm: mean signed relative change against the single-task reference `{ref.name}` ({vals}; "
-        f"{ref.backbone}, {ref.init}, {ref.image_size}px; {ref.source}), in %, positive is better. "
+        f"Δm: mean signed relative change against the single-task reference `{md_cell(ref.name)}` ({which}; {vals}; "
+        f"{ref.backbone}, {ref.init}, {ref.image_size}px; source: {md_cell(ref.source)}), in %, positive is better. "
         "It is recomputed here from each row's per-task values (the mean over seeds for reproduced rows); "
-        '"Δm printed" is the number the source prints.'
+        '"Δm printed" is the number the source prints, against the reference that source used.'
     )
 
 
 def render_section(section: Section, lb: Leaderboard, plot_link: str | None) -> list[str]:
     p = section.protocol
     out = [f"## {p.name} v{p.version} ({p.backbone}, {p.image_size}×{p.image_size}, {len(p.tasks)} tasks)", ""]
-    out += [_reference_line(p), ""]
+    out += [_reference_line(p, section.reference), ""]
     n_groups = section.n_reproduced_groups
     if n_groups == 0:
         out += ["No reproduced runs yet: the table holds published rows only.", ""]
@@ -148,7 +176,7 @@ def render_section(section: Section, lb: Leaderboard, plot_link: str | None) -> 
     align = ["right", "left", "left", "left"] + ["right"] * (n_tasks + 4) + ["left", "left", "right", "right"]
     out += [markdown_table(headers, rows, align), ""]
     foot = [
-        "Per-task values are in table units (mIoU in %, normals mean angle in degrees). Reproduced rows show the "
+        f"Per-task values are in table units: {units_text(p.tasks)}. Reproduced rows show the "
         "mean over seeds ± the half-width of its 95% interval: a t-interval over the seeds when there are several, "
         "else a bootstrap over the run's validation images (`leaderboard/stats.py`; the web page's detail view "
         "says which). Published rows have no interval: their sources print single numbers. Throughput and peak "
@@ -175,12 +203,24 @@ def render_section(section: Section, lb: Leaderboard, plot_link: str | None) -> 
         foot.append(f"{UNVERIFIED} Secondary quote, not yet verified against the paper (`verified` column).")
     for row in section.frame.to_dict("records"):
         if row["mismatch"]:
+            pub = next(x for x in section.published if x.id == row["id"])
             foot.append(
-                f"{MISMATCH} `{md_cell(row['id'])}`: printed Δm {row['delta_m_printed']:+.2f} differs from the recomputed "
-                f"{row['delta_m']:+.2f} by more than rounding ({DELTA_M_ROUNDING_TOL}). {md_cell(row['mismatch'])}"
+                f"{MISMATCH} `{md_cell(row['id'])}`: printed Δm {row['delta_m_printed']:+.2f} differs from the "
+                f"{row_delta_m(pub, p):+.2f} recomputed against `{md_cell(pub.reference)}` by more than rounding "
+                f"({row_rounding_tol(pub, p):.3f}). {md_cell(row['mismatch'])}"
             )
     out += [line for f in foot for line in (f, "")]
-    if plot_link:
+    other_ref = [r for r in section.published if r.reference != section.reference.name]
+    if other_ref:
+        shown = ", ".join(f"`{md_cell(r.id)}` (against `{md_cell(r.reference)}`)" for r in other_ref)
+        out += [
+            f"Printed Δm against another reference than this section's `{md_cell(section.reference.name)}`, so not "
+            f"comparable with the Δm % column: {shown}.",
+            "",
+        ]
+    if plot_link and not section.plotted:
+        out += ["No plot: no row has a parameter count under the Trainable policy.", ""]
+    elif plot_link:
         out += [f"![Δm against trainable parameters, {p.name} v{p.version}]({plot_link})", ""]
         unplotted = [r for r in section.frame.to_dict("records") if _isnan(r["params_m"]) or _isnan(r["delta_m"])]
         if unplotted:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from test_leaderboard import BASE, run_cli, write_run
 
 from benchmark.protocol import PASCAL_CONTEXT as P
+from benchmark.protocol import PROTOCOLS
 from benchmark.results import ResultError
 from leaderboard.data import PUBLISHED_DIR, load_published
 from leaderboard.errors import PublishedDataError
@@ -139,7 +140,8 @@ def test_published_dir_typo_is_an_error(tmp_path, capsys):
     assert rc == 1 and f"--published-dir {tmp_path / 'publshed'}: folder not found" in err
     (tmp_path / "empty").mkdir()
     rc, _, err = run_cli(capsys, "build", root, "--published-dir", tmp_path / "empty")
-    assert rc == 1 and "holds no published-data file (expected one of ['pascal-context.csv'])" in err
+    expected = sorted(f"{name}.csv" for name in PROTOCOLS)
+    assert rc == 1 and f"holds no published-data file (expected one of {expected})" in err
     rc, _, err = run_cli(capsys, "check", root, "--published-dir", tmp_path / "publshed", "--skip-params")
     assert rc == 1 and "folder not found" in err
 

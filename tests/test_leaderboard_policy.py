@@ -225,9 +225,8 @@ def test_tadformer_rows_are_checked_once_the_method_is_registered() -> None:
     report = CheckReport()
     check_published_params(ROWS, load_known_param_inconsistencies(), report, runner)
     assert report.ok, report.failures
-    assert ["--method", "tadformer", "--preset", "paper", "--dry-run", "--json", "--set", "rank=64"] in [
-        c[3:] for c in calls
-    ]
+    probe = ["--method", "tadformer", "--preset", "paper", "--protocol", "pascal-context", "--dry-run", "--json"]
+    assert [*probe, "--set", "rank=64"] in [c[3:] for c in calls]
     assert "6 published count(s)" in report.passed[0]
     counts["tadformer", json.dumps({"rank": 32})] = _breakdown(TADFORMER[32] + 10_000)  # 4.79 M: off the print
     runner, _ = _fake_harness({"mtlora", "full_ft", "single_task", "tadformer"}, counts)

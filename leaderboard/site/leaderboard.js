@@ -20,10 +20,11 @@
     if (!row.ci || !row.ci[key] || row.ci[key][0] === null) return null;
     return (row.ci[key][1] - row.ci[key][0]) / 2;
   }
-  function valueText(row, key, sign) {
-    var v = row.values[key], h = half(row, key);
+  function valueText(row, key, sign, digits) {
+    // digits: the task's decimals as LEADERBOARD.md prints them (tables.task_decimals); 2 for Δm
+    var v = row.values[key], h = half(row, key), d = digits === undefined ? 2 : digits;
     if (v === null) return "–";
-    return h === null ? fmt(v, 2, sign) : fmt(v, 2, sign) + " ± " + h.toFixed(2);
+    return h === null ? fmt(v, d, sign) : fmt(v, d, sign) + " ± " + h.toFixed(d);
   }
   function paramsText(row) { return row.params_text; }  // as LEADERBOARD.md prints it
 
@@ -36,7 +37,7 @@
     ];
     section.tasks.forEach(function (t) {
       cols.push({ key: t.name, header: t.header, num: true,
-        value: function (r) { return r.values[t.name]; }, text: function (r) { return valueText(r, t.name, false); } });
+        value: function (r) { return r.values[t.name]; }, text: function (r) { return valueText(r, t.name, false, t.decimals); } });
     });
     cols.push({ key: "delta_m", header: "Δm % ↑", num: true,
       value: function (r) { return r.values.delta_m; }, text: function (r) { return valueText(r, "delta_m", true); } });
@@ -75,7 +76,8 @@
       var parts = [];
       section.tasks.concat([{ name: "delta_m", header: "Δm %" }]).forEach(function (t) {
         var c = row.ci[t.name];
-        parts.push(t.header + ": " + fmt(row.values[t.name], 3) + " [" + fmt(c[0], 3) + ", " + fmt(c[1], 3) + "]");
+        var d = (t.decimals || 2) + 1;  // one decimal more than the table
+        parts.push(t.header + ": " + fmt(row.values[t.name], d) + " [" + fmt(c[0], d) + ", " + fmt(c[1], d) + "]");
       });
       item("95% intervals", parts.join("\n"), true);
     }
@@ -111,7 +113,7 @@
 
   function hover(section, row) {
     var lines = [row.label + " " + row.config_text, "source: " + row.source];
-    section.tasks.forEach(function (t) { lines.push(t.header + ": " + valueText(row, t.name, false)); });
+    section.tasks.forEach(function (t) { lines.push(t.header + ": " + valueText(row, t.name, false, t.decimals)); });
     lines.push("Δm: " + valueText(row, "delta_m", true) + " %");
     lines.push("trainable: " + paramsText(row) + " M");
     return lines.join("<br>").replace(/</g, "&lt;").replace(/&lt;br>/g, "<br>");
