@@ -4,7 +4,8 @@ Runs every fixture found in DIR against this implementation and prints one line 
 maximum difference; exits non-zero if any check fails. Fixture kinds (see the fixture README):
 
 - ``dataset_*.pt`` with its dataset folder beside it -> ``benchmark.dataset.parity_checks``
-- ``metrics_*.pt``                                   -> ``benchmark.metrics.parity_checks``
+- ``metrics_*.pt``                                   -> ``benchmark.parity_metrics.parity_checks``
+- ``nyud_metrics_*.pt``                              -> ``benchmark.parity_metrics.parity_checks`` (NYUDv2)
 - ``model_*.pt`` (+ ``model_*_grad.pt``)             -> ``benchmark.official.parity_checks``
 - ``tadformer_*.pt`` (+ ``tadformer_*_grad.pt``)     -> ``benchmark.official.parity_checks`` (TADFormer)
 - ``train_*.pt`` (+ the model fixture it names)       -> ``benchmark.official_train.parity_checks``
@@ -39,7 +40,8 @@ class Check:
 # a kind whose implementation is missing or broken fails on its own, never blocking the others
 CHECKERS: dict[str, tuple[str, str]] = {
     "dataset": ("benchmark.dataset", "dataset_*.pt"),
-    "metrics": ("benchmark.metrics", "metrics_*.pt"),
+    "metrics": ("benchmark.parity_metrics", "metrics_*.pt"),
+    "nyud_metrics": ("benchmark.parity_metrics", "nyud_metrics_*.pt"),
     "model": ("benchmark.official", "model_*.pt"),
     "tadformer": ("benchmark.official", "tadformer_*.pt"),  # same checks; the fixture config selects the method
     "train": ("benchmark.official_train", "train_*.pt"),

@@ -357,7 +357,7 @@ def evaluate_checkpoint(ckpt: Path | None, data: Path, device: str, work_dir: Pa
     if ckpt is not None:
         _load_for_eval(net, ckpt, spec)
     tasks = PASCAL_CONTEXT.task_names
-    meters = {t: RecordingMeter(m) for t, m in build_meters(tasks).items()}
+    meters = {t: RecordingMeter(m) for t, m in build_meters(PASCAL_CONTEXT.tasks).items()}
     val = PascalMT(data, PASCAL_CONTEXT.val_split, tasks, build_transforms(settings.image_size, train=False, seed=0))
     setup = engine.EngineSetup(
         net=net.to(device),
