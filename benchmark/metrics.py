@@ -255,9 +255,7 @@ class SaliencyMeter:
     meter gives the same numbers for any batching, batches of one included.
     """
 
-    def __init__(
-        self, task: str = "saliency", thresholds: Sequence[float] = SAL_THRESHOLDS, beta_squared: float = 0.3
-    ) -> None:
+    def __init__(self, task: str, thresholds: Sequence[float] = SAL_THRESHOLDS, beta_squared: float = 0.3) -> None:
         self.task = task
         self.thresholds = tuple(float(t) for t in thresholds)
         self.beta_squared = beta_squared
@@ -349,7 +347,7 @@ class NormalsMeter:
 
     bounds: tuple[float, ...] = (11.25, 22.5, 30.0)
 
-    def __init__(self, task: str = "normals", bin_deg: float = 0.05) -> None:
+    def __init__(self, task: str, bin_deg: float = 0.05) -> None:
         self.task = task
         self.bin_deg = bin_deg
         self.num_bins = int(round(180.0 / bin_deg))
@@ -443,7 +441,7 @@ class DepthMeter:
 
     per_image = ("n", "sum_sq_err", "sum_sq_log_err")
 
-    def __init__(self, task: str = "depth") -> None:
+    def __init__(self, task: str) -> None:
         self.task = task
 
     @torch.no_grad()

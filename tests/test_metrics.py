@@ -75,7 +75,7 @@ def test_meters_reproduce_every_official_result(fx):
     _close(ours["normals"]["rmse_true"], extra["true_rmse_deg"])
     assert ours["normals"]["num_valid_pixels"] == extra["num_valid_pixels"]
     # the median comes from a histogram: within half a bin of numpy's exact median
-    assert abs(ours["normals"]["median"] - extra["median_deg"]) <= NormalsMeter().bin_deg / 2 + 1e-12
+    assert abs(ours["normals"]["median"] - extra["median_deg"]) <= NormalsMeter("normals").bin_deg / 2 + 1e-12
 
 
 def test_fixture_special_cases_behave_as_official(fx):
@@ -200,7 +200,7 @@ def test_segmentation_official_reduction_by_hand():
 
 
 def test_saliency_by_hand():
-    m = SaliencyMeter()
+    m = SaliencyMeter("sal")
     logit = lambda p: math.log(p / (1 - p))  # noqa: E731
     # image 0: probabilities 0.3 and 0.8 over gt (0, 1); image 1: everything empty
     x = torch.tensor([[[[logit(0.3), logit(0.8)]]], [[[-20.0, -20.0]]]])
@@ -219,7 +219,7 @@ def test_normals_by_hand():
     # three valid pixels at 0, 90 and 180 degrees, one ignored pixel
     gt = torch.tensor([[1.0, 1.0, 1.0, 255.0], [0.0, 0.0, 0.0, 255.0], [0.0, 0.0, 0.0, 255.0]]).view(1, 3, 1, 4)
     pred = torch.tensor([[1.0, 0.0, -1.0, 1.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]).view(1, 3, 1, 4)
-    m = NormalsMeter()
+    m = NormalsMeter("normals")
     r = m.reduce([m.stats(pred, gt)])
     assert r["mean"] == pytest.approx(90.0, abs=1e-4) and r["rmse"] == r["mean"]
     assert r["rmse_true"] == pytest.approx(math.sqrt((0 + 90**2 + 180**2) / 3), abs=1e-3)
@@ -233,7 +233,7 @@ def test_normals_median_and_rmse_against_numpy():
     pred = torch.randn(3, 3, 20, 24, generator=g)
     gt = torch.nn.functional.normalize(torch.randn(3, 3, 20, 24, generator=g, dtype=torch.float64), dim=1)
     gt[:, :, :4] = 255
-    m = NormalsMeter()
+    m = NormalsMeter("normals")
     r = m.reduce([m.stats(pred[:2], gt[:2]), m.stats(pred[2:], gt[2:])])
     u = pred.double() / pred.double().norm(dim=1, keepdim=True)
     deg = np.degrees(np.arccos(np.clip((u * gt).sum(1).numpy(), -1, 1)))[(gt[:, 0] != 255).numpy()]
@@ -310,10 +310,10 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="differ in B/H/W"):
         m.stats(torch.zeros(1, 21, 4, 4), torch.zeros(1, 1, 4, 5))
     with pytest.raises(ValueError, match=r"target must be \[B,3,H,W\]"):
-        NormalsMeter().stats(torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4))
+        NormalsMeter("normals").stats(torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4))
     with pytest.raises(ValueError, match="no statistics"):
-        SaliencyMeter().reduce([])
-    nm = NormalsMeter()
+        SaliencyMeter("sal").reduce([])
+    nm = NormalsMeter("normals")
     with pytest.raises(ValueError, match="no valid pixels"):
         nm.reduce([nm.stats(torch.ones(1, 3, 2, 2), torch.full((1, 3, 2, 2), 255.0))])
     with pytest.raises(ValueError, match="backend"):
