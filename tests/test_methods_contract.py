@@ -204,3 +204,21 @@ def test_mtlora_task_streams_heads_and_breakdown_follow_the_protocol() -> None:
         parts[protocol.name] = {"per_task": per_task, "shared": shared, "other": counts["other_trainable_backbone"]}
     # the same backbone: only the task-specific part moves with the number of tasks
     assert len({tuple(p.values()) for p in parts.values()}) == 1, parts
+
+
+@by_protocol
+@pytest.mark.parametrize("name", METHODS.names())
+def test_task_specific_modules_follow_the_protocols_task_list(name: str, protocol: Protocol) -> None:
+    """Every module that keeps a task list (MTLoRA / TADFormer streams, task LoRA, task filters) keeps the
+    protocol's, in its order, and every per-task dict is keyed by exactly those tasks (the order of the stacked
+    task streams is the task list's)."""
+    net = _applied(name, protocol)
+    lists = [(n, getattr(m, a)) for n, m in net.named_modules() for a in ("tasks", "task_names") if hasattr(m, a)]
+    for where, tasks in lists:
+        if where == "":  # the model itself
+            assert tuple(tasks) == protocol.task_names
+        elif tasks:  # a layer without task parts keeps an empty list
+            assert tuple(tasks) == protocol.task_names, (where, tasks)
+    for where, m in net.named_modules():
+        if isinstance(m, (torch.nn.ModuleDict, torch.nn.ParameterDict)) and set(m.keys()) & set(protocol.task_names):
+            assert sorted(m.keys()) == sorted(protocol.task_names), where  # (a ParameterDict sorts its keys)
