@@ -40,9 +40,11 @@ METRIC_TOL = 1e-6
 #   and the mean of the IoUs is a sum of C doubles: exact, as the fixture's README reports for a re-implementation.
 SEG_REL_TOL = 0.0
 # - depth and normals: float64 sums of N float32-derived terms (N = the valid pixels, ~1e4 here, ~1e8 on a real val
-#   set), added in another order than the official code: <= N * 2**-53 ~ 1e-12 relative here. 1e-9 leaves room for
-#   larger sets and is still far below a real difference: one pixel more or less, or one prediction clamped
-#   differently, moves rmse or a normals mean by > 1e-5 relative on these sizes.
+#   set), added in another order than the official code: <= N * 2**-53 ~ 1e-12 relative here. The normals' second
+#   formula (mean_v2) also re-normalises the float32 prediction, where one float32 rounding per pixel (<= 2**-24 ~
+#   6e-8 relative, of either sign) may fall differently: averaged over N pixels that is ~6e-8 / sqrt(N) ~ 6e-10
+#   relative here (3e-10 observed). 1e-9 covers both and is still far below a real difference: one pixel more or
+#   less, or one prediction clamped differently, moves rmse or a normals mean by > 1e-5 relative on these sizes.
 FLOAT_REL_TOL = 1e-9
 # - the Δm formula alone on given values: three float64 divisions and a mean of values <= 1e3: a few ulp.
 FORMULA_ABS_TOL = 1e-12

@@ -75,7 +75,7 @@ from torch import Tensor, nn
 from benchmark.losses import MultiTaskLoss
 from benchmark.model import SWIN_VARIANTS, MultiTaskModel, model_config_for
 from benchmark.params import count_parameters
-from benchmark.protocol import PASCAL_CONTEXT, Protocol
+from benchmark.protocol import PASCAL_CONTEXT, PROTOCOLS, Protocol, get_protocol
 from benchmark.tasks import kind_of
 
 SCHEMA = 1
@@ -332,9 +332,10 @@ class Bench:
 
 def make_bench(entry: Entry, args: argparse.Namespace, compile: bool | None = None) -> Bench:
     """The entry's model built and wrapped as the command line says (``compile`` overrides ``--compile``)."""
+    protocol = get_protocol(args.protocol)
     return Bench(
         entry,
-        build_net(entry, args.backbone, args.img),
+        build_net(entry, args.backbone, args.img, protocol),
         torch.device(args.device),
         args.amp,
         args.compile if compile is None else compile,
@@ -343,6 +344,7 @@ def make_bench(entry: Entry, args: argparse.Namespace, compile: bool | None = No
         args.img,
         args.backbone_only,
         not args.eval_fp32,
+        protocol,
     )
 
 
@@ -481,7 +483,7 @@ def profile_step(entry: Entry, args: argparse.Namespace) -> str:
     """torch.profiler's table (self time per operator, largest first) of one train step after ``--warmup`` + 1."""
     from torch.profiler import ProfilerActivity, profile
 
-    model_config(args.backbone, args.img)
+    model_config(args.backbone, args.img, get_protocol(args.protocol))
     device = torch.device(args.device)
     if device.type == "cpu" and args.malloc_tuning:
         tune_malloc()
@@ -538,7 +540,16 @@ def memory_child(entry: Entry, args: argparse.Namespace) -> dict[str, int]:
 
 
 def _child_args(args: argparse.Namespace) -> list[str]:
-    out = ["--backbone", args.backbone, "--img", str(args.img), "--batch", str(args.batch)]
+    out = [
+        "--backbone",
+        args.backbone,
+        "--img",
+        str(args.img),
+        "--batch",
+        str(args.batch),
+        "--protocol",
+        args.protocol,
+    ]
     out += ["--device", args.device, "--threads", str(args.threads)]
     out += ["--amp", args.amp] if args.amp else []
     out += ["--channels-last"] if args.channels_last else []
@@ -680,7 +691,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         missing = [x for x in (a, b) if x not in labels]
         if missing:
             raise PerfError(f"--pair {a}:{b}: {missing} not among the measured methods {sorted(labels)}")
-    model_config(args.backbone, args.img)  # a bad size fails before anything runs
+    model_config(args.backbone, args.img, get_protocol(args.protocol))  # a bad size fails before anything runs
     device = torch.device(args.device)
     malloc_tuned = tune_malloc() if args.malloc_tuning and device.type == "cpu" else False
     print(f"[perf] building {len(entries)} models ({args.backbone}, {args.img} px)", file=sys.stderr, flush=True)
@@ -761,6 +772,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "schema": SCHEMA,
         "config": {
             "backbone": args.backbone,
+            "protocol": args.protocol,
             "img": args.img,
             "batch": args.batch,
             "steps": args.steps,
@@ -900,6 +912,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmark.perf", description=__doc__.split("\n")[0])
     p.add_argument("--methods", default="full_ft,decoders_only,lora,mtlora", help="comma-separated method entries")
     p.add_argument("--backbone", default="swin_tiny", choices=sorted(SWIN_VARIANTS))
+    p.add_argument(
+        "--protocol",
+        default=PASCAL_CONTEXT.name,
+        choices=sorted(PROTOCOLS),
+        help="whose tasks the models, targets, loss and meters have (the data-pipeline timing reads a PASCAL_MT folder)",
+    )
     p.add_argument("--img", type=_positive, default=448, help="image size (square)")
     p.add_argument("--batch", type=_positive, default=2)
     p.add_argument("--steps", type=_positive, default=5, help="timed rounds (medians over them)")

@@ -581,3 +581,15 @@ def test_bench_steps_on_the_protocols_tasks(protocol: str) -> None:
     bench.train_step()
     bench.eval_step()
     assert all(torch.isfinite(q).all() for q in bench.params)
+
+
+def test_perf_cli_on_the_nyud_protocol(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "perf.json"
+    argv = ["--protocol", "nyud", "--methods", "mtlora", "--backbone", "swin_micro", "--img", "64", "--steps", "1"]
+    argv += ["--warmup", "0", "--data-images", "0", "--no-malloc-tuning", "--json", str(out)]
+    assert perf.main(argv) == 0
+    capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert result["config"]["protocol"] == "nyud"
+    assert list(result["meters_ms"]) == ["semseg", "depth", "normals"]
+    assert result["methods"]["mtlora"]["step_s"] > 0
