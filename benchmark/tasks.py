@@ -106,6 +106,7 @@ class SemsegKind(_ClassMapKind):
     # -- data side
 
     # -- compute side
+    # (loss, post-processing, meter and synthetic labels: _ClassMapKind's)
 
 
 class PartsKind(_ClassMapKind):
@@ -114,6 +115,7 @@ class PartsKind(_ClassMapKind):
     # -- data side
 
     # -- compute side
+    # (loss, post-processing, meter and synthetic labels: _ClassMapKind's)
 
 
 class SaliencyKind(TaskKind):
