@@ -595,7 +595,7 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
     net = build_net(spec, method_cfg, model_cfg, args.pretrained, args.activation_checkpointing).to(device)
     params = count_parameters(net, spec.adapter_markers)
     loss_fn = MultiTaskLoss(protocol.tasks)
-    meters = build_meters(tasks)
+    meters = build_meters(protocol.tasks)
     per_proc_batch = settings.batch_size // world
     meta = {
         "run_id": run_id,

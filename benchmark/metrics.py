@@ -5,23 +5,27 @@ and a list of those statistics into numbers, ``reduce(list_of_stats)``. Statisti
 per-image values that concatenate, so one pass, any batching and any split over processes give the same
 numbers (float sums are added with ``math.fsum``, which is exactly rounded and so order-free).
 
-The meters start from the raw network outputs and apply the official post-processing themselves
-(``postprocess``): argmax for segmentation, ``255 * sigmoid`` for saliency, ``(unit + 1) * 255 / 2``
-(channels last) for normals, in float32 with the same operations as the official code, so the values
-the official meters saw are reproduced bit for bit.
+The meters start from the raw network outputs and apply the official post-processing themselves (the functions
+a task kind's ``postprocess`` points at, ``benchmark.tasks``): argmax for segmentation, ``255 * sigmoid`` for
+saliency, ``(unit + 1) * 255 / 2`` (channels last) for normals, the identity for depth, in float32 with the same
+operations as the official code, so the values the official meters saw are reproduced bit for bit. Which meter a
+task gets is its kind's choice (:func:`build_meters`); no meter knows a task by name.
 
-- semseg / human_parts (:class:`SegmentationMeter`): dataset-level IoU per class from exact int64
+- segmentation, semseg / parts (:class:`SegmentationMeter`): dataset-level IoU per class from exact int64
   intersection/union counts (mmsegmentation's ``intersect_and_union``, or a pure-torch twin), then the
   official reduction: IoU = I / max(U, 1e-8) and the mean over ALL classes (an absent class counts 0;
-  mmseg's own ``nanmean`` would skip it).
-- sal (:class:`SaliencyMeter`): "mIoU" = max over 15 thresholds of the per-image IoU averaged over
+  mmseg's own ``nanmean`` would skip it). A label outside [0, C) other than 255 (NYUD's 254) is a valid pixel
+  of no class: a false positive of whatever class is predicted there, as in the official meter.
+- saliency (:class:`SaliencyMeter`): "mIoU" = max over 15 thresholds of the per-image IoU averaged over
   images, ``maxF`` (beta^2 = 1 on mean precision / recall) and the official ``Beta maxF``.
 - normals (:class:`NormalsMeter`): mean angular error in degrees ("rmse" in the papers' tables), median,
   a true RMSE and the percentage of pixels under 11.25 / 22.5 / 30 degrees.
+- depth (:class:`DepthMeter`): rmse and log_rmse pooled over all valid pixels of the set, the prediction
+  clamped to >= 1e-9 (the official online meter).
 
 Δm helpers (:func:`primary_scores`, :func:`delta_m_terms`, :func:`results_delta_m`) build on
-:func:`benchmark.protocol.delta_m`; ``parity_checks`` compares all of it with an official
-``metrics_*.pt`` fixture (``python -m benchmark.parity``).
+:func:`benchmark.protocol.delta_m`; ``benchmark.parity_metrics`` compares all of it with the official
+metrics fixtures (``python -m benchmark.parity``).
 
 mmsegmentation is imported here only, lazily, so a broken mmcv pin never blocks another module.
 """
@@ -35,7 +39,6 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -43,40 +46,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmark.parity import Check
-from benchmark.protocol import TASKS, TaskSpec, delta_m, get_reference, table_value
 from benchmark.protocol import Protocol as BenchProtocol
+from benchmark.protocol import TaskSpec, delta_m, get_reference, table_value
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
-# Parity tolerance on metric values. Error model: the official meters accumulate counts exactly and averages in
-# float64 (recomputation agrees to ~1e-12), except `Beta maxF`, which the official meter keeps in float32: a few
-# fp32 roundings (2**-24 ~ 6e-8 each) of values <= 1, i.e. < 1e-6. A real difference is far larger: one pixel of
-# the fixture's 6 images of 40 x 56 moves an IoU by >= 1 / 13440 ~ 7e-5, and the normals angles are in degrees.
-METRIC_TOL = 1e-6
 _HISTC_EXACT = 2**24  # float32 counts are exact up to 2^24: the most pixels one histc call may see
 
 # ----------------------------------------------------------------------------------------------
-# Official post-processing (evaluation/evaluate_utils.py get_output), on NCHW network outputs.
+# Official post-processing (evaluation/evaluate_utils.py get_output), on NCHW network outputs, in float32 math.
+# Each task kind (benchmark.tasks) points at its function; depth's is the identity.
 
 
-def postprocess(task: str, logits: Tensor) -> Tensor:
-    """What the official meters receive for ``task``, from NCHW network outputs (float32 math).
+def argmax_labels(logits: Tensor) -> Tensor:
+    """Segmentation (semseg, parts): int64 [B,H,W], the argmax over the class channels."""
+    return logits.float().max(dim=1).indices
 
-    semseg / human_parts: int64 [B,H,W] argmax; sal: float32 [B,H,W] = 255 * sigmoid on a 0..255 scale;
-    normals: float32 [B,H,W,3] (channels last) = (unit vector + 1) * 255 / 2.
-    """
-    x = logits.float()
-    if task in ("semseg", "human_parts"):
-        return x.max(dim=1).indices
-    if task == "sal":
-        # written as 255 / (1 + exp(-x)), the official expression, not 255 * torch.sigmoid(x): the two
-        # differ in the last float32 bit, and that can flip a threshold comparison
-        return (255 / (1 + torch.exp(-x)))[:, 0]
-    if task == "normals":
-        return (F.normalize(x.permute(0, 2, 3, 1), p=2, dim=3) + 1.0) * 255 / 2.0
-    raise KeyError(f"no post-processing for task {task!r}; known: semseg, human_parts, sal, normals")
+
+def saliency_255(logits: Tensor) -> Tensor:
+    """Saliency: float32 [B,H,W] = 255 * sigmoid, on a 0..255 scale."""
+    # written as 255 / (1 + exp(-x)), the official expression, not 255 * torch.sigmoid(x): the two differ in the
+    # last float32 bit, and that can flip a threshold comparison
+    return (255 / (1 + torch.exp(-logits.float())))[:, 0]
+
+
+def normals_255(logits: Tensor) -> Tensor:
+    """Normals: float32 [B,H,W,3] (channels last) = (unit vector + 1) * 255 / 2."""
+    return (F.normalize(logits.float().permute(0, 2, 3, 1), p=2, dim=3) + 1.0) * 255 / 2.0
 
 
 def _check_shapes(name: str, pred: Tensor, target: Tensor, pred_channels: int, target_channels: int) -> None:
@@ -204,22 +201,33 @@ class SegmentationMeter:
     @torch.no_grad()
     def stats(self, pred_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
         _check_shapes(self.task, pred_logits, target, self.num_classes, 1)
-        pred = postprocess(self.task, pred_logits)
+        pred = argmax_labels(pred_logits)
         i, u, p, lab = intersect_and_union(pred, target[:, 0], self.num_classes, self.ignore_index, self.backend)
         return {"area_intersect": i, "area_union": u, "area_pred": p, "area_label": lab}
 
-    def _iou(self, stats: Sequence[Mapping[str, Tensor]]) -> list[float]:
+    def _totals(self, stats: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
         _require_stats(self.task, stats)
-        inter = sum(s["area_intersect"].to(torch.int64) for s in stats)
-        union = sum(s["area_union"].to(torch.int64) for s in stats)
-        return [int(i) / max(float(u), 1e-8) for i, u in zip(inter.tolist(), union.tolist(), strict=True)]
+        return {k: sum(s[k].to(torch.int64) for s in stats) for k in ("area_intersect", "area_union", "area_pred")}
+
+    def _iou(self, stats: Sequence[Mapping[str, Tensor]]) -> list[float]:
+        tot = self._totals(stats)
+        inter, union = tot["area_intersect"].tolist(), tot["area_union"].tolist()
+        return [int(i) / max(float(u), 1e-8) for i, u in zip(inter, union, strict=True)]
 
     def reduce(self, stats: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
         iou = self._iou(stats)
         return {"mIoU": math.fsum(iou) / len(iou)}
 
     def details(self, stats: Sequence[Mapping[str, Tensor]]) -> dict[str, Any]:
-        return {"per_class_IoU": self._iou(stats)}
+        """Per-class IoU and the official raw counts: tp = I, fp = predicted - I, fn = U - predicted."""
+        tot = self._totals(stats)
+        tp, union, pred = tot["area_intersect"], tot["area_union"], tot["area_pred"]
+        return {
+            "per_class_IoU": self._iou(stats),
+            "tp": tp.tolist(),
+            "fp": (pred - tp).tolist(),
+            "fn": (union - pred).tolist(),
+        }
 
 
 SAL_THRESHOLDS: tuple[float, ...] = tuple(np.linspace(0.2, 0.9, 15).tolist())  # official mask_thres
@@ -247,9 +255,8 @@ class SaliencyMeter:
     meter gives the same numbers for any batching, batches of one included.
     """
 
-    task = "sal"
-
-    def __init__(self, thresholds: Sequence[float] = SAL_THRESHOLDS, beta_squared: float = 0.3) -> None:
+    def __init__(self, task: str, thresholds: Sequence[float] = SAL_THRESHOLDS, beta_squared: float = 0.3) -> None:
+        self.task = task
         self.thresholds = tuple(float(t) for t in thresholds)
         self.beta_squared = beta_squared
         self.beta_thresholds = torch.arange(0.05, 1, 0.05)  # float32, exactly as the official meter builds it
@@ -257,7 +264,7 @@ class SaliencyMeter:
     @torch.no_grad()
     def stats(self, pred_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
         _check_shapes(self.task, pred_logits, target, 1, 1)
-        prob = postprocess("sal", pred_logits).float() / 255.0  # [B,H,W] float32, as the official meter
+        prob = saliency_255(pred_logits) / 255.0  # [B,H,W] float32, as the official meter
         gt = target[:, 0]
         b = prob.shape[0]
         gt_pos = (gt != 0).reshape(b, -1)
@@ -338,17 +345,17 @@ class NormalsMeter:
       vectors, over pixels valid in all three channels (``rmse_v2`` equals ``mean_v2``, as there).
     """
 
-    task = "normals"
     bounds: tuple[float, ...] = (11.25, 22.5, 30.0)
 
-    def __init__(self, bin_deg: float = 0.05) -> None:
+    def __init__(self, task: str, bin_deg: float = 0.05) -> None:
+        self.task = task
         self.bin_deg = bin_deg
         self.num_bins = int(round(180.0 / bin_deg))
 
     @torch.no_grad()
     def stats(self, pred_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
         _check_shapes(self.task, pred_logits, target, 3, 3)
-        pred = 2 * postprocess("normals", pred_logits).permute(0, 3, 1, 2) / 255 - 1  # float32 [B,3,H,W]
+        pred = 2 * normals_255(pred_logits).permute(0, 3, 1, 2) / 255 - 1  # float32 [B,3,H,W]
         gt = target.double()
         # v1: valid where channel 0 is not 255; the float32 prediction is promoted to float64 by the gt
         valid = gt[:, 0] != IGNORE_INDEX
@@ -398,7 +405,8 @@ class NormalsMeter:
 
     def details(self, stats: Sequence[Mapping[str, Tensor]]) -> dict[str, Any]:
         _require_stats(self.task, stats)
-        return {"num_valid_pixels": int(sum(int(s["n"].sum()) for s in stats)), "median_bin_deg": self.bin_deg}
+        n = int(sum(int(s["n"].sum()) for s in stats))
+        return {"num_valid_pixels": n, "n_valid": n, "median_bin_deg": self.bin_deg}
 
 
 def _bound_name(b: float) -> str:
@@ -418,21 +426,67 @@ def _normalize_or_zero(x: Tensor) -> Tensor:
     return out.masked_fill(zero.expand_as(out), 0)
 
 
-_METER_FACTORIES: dict[str, Callable[[TaskSpec], Meter]] = {
-    "semseg": lambda spec: SegmentationMeter(spec.name, spec.out_channels),
-    "human_parts": lambda spec: SegmentationMeter(spec.name, spec.out_channels),
-    "sal": lambda spec: SaliencyMeter(),
-    "normals": lambda spec: NormalsMeter(),
-}
+class DepthMeter:
+    """Depth (official ``DepthMeter``, the online meter of the training script): rmse and log_rmse in metres.
+
+    Valid pixels are those whose label is not 255 (missing depth). The prediction is clamped to >= 1e-9 in
+    float32 for both metrics (a negative prediction counts as ~0 m in ``rmse`` and as ln(1e-9) in
+    ``log_rmse``); ``log_rmse`` uses the natural log, ln(pred) in float32 and ln(gt) in float64. Pixels are
+    pooled over the whole set, not averaged per image: rmse = sqrt(sum (gt - pred)^2 / N) and log_rmse =
+    sqrt(sum (ln gt - ln pred)^2 / N) over all N valid pixels. An image without a valid pixel adds nothing.
+
+    The statistics are per image (valid count, both sums of squares in float64), so any batching or sharding
+    reduces to the same numbers (the sums are added with ``math.fsum``).
+    """
+
+    per_image = ("n", "sum_sq_err", "sum_sq_log_err")
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+
+    @torch.no_grad()
+    def stats(self, pred_logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+        _check_shapes(self.task, pred_logits, target, 1, 1)
+        pred = pred_logits.float().clamp(min=1e-9)  # float32, as the official meter
+        gt = target.double()
+        valid = gt != IGNORE_INDEX
+        zero = torch.zeros((), dtype=torch.float64, device=gt.device)
+        err = torch.where(valid, gt - pred, zero)  # float64 (the float32 prediction is promoted by the gt)
+        # ln of a missing label (255) is finite, but masked anyway so that no NaN / inf can enter the sums
+        log_err = torch.where(valid, torch.log(torch.where(valid, gt, 1.0)) - torch.log(pred), zero)
+        return {
+            "n": valid.sum((1, 2, 3)).to(torch.int64).cpu(),  # per image
+            "sum_sq_err": (err * err).sum((1, 2, 3)).cpu(),  # per image, float64
+            "sum_sq_log_err": (log_err * log_err).sum((1, 2, 3)).cpu(),
+        }
+
+    def reduce(self, stats: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
+        _require_stats(self.task, stats)
+        n = int(sum(int(s["n"].sum()) for s in stats))
+        if n == 0:
+            raise ValueError(f"{self.task}: no valid pixels (every target pixel is 255); rmse is undefined")
+        sq = _fsum(torch.cat([s["sum_sq_err"] for s in stats]))
+        sq_log = _fsum(torch.cat([s["sum_sq_log_err"] for s in stats]))
+        return {"rmse": math.sqrt(sq / n), "log_rmse": math.sqrt(sq_log / n)}
+
+    def details(self, stats: Sequence[Mapping[str, Tensor]]) -> dict[str, Any]:
+        _require_stats(self.task, stats)
+        return {
+            "n_valid": int(sum(int(s["n"].sum()) for s in stats)),
+            "sum_sq_err": _fsum(torch.cat([s["sum_sq_err"] for s in stats])),
+            "sum_sq_log_err": _fsum(torch.cat([s["sum_sq_log_err"] for s in stats])),
+        }
 
 
-def build_meters(task_names: Sequence[str]) -> dict[str, Meter]:
-    """One meter per task, in the order given (classes from ``benchmark.protocol.TASKS``)."""
+def build_meters(tasks: Sequence[TaskSpec]) -> dict[str, Meter]:
+    """One meter per task, in the order given, each from its task kind (``benchmark.tasks``)."""
+    from benchmark.tasks import kind_of
+
     meters: dict[str, Meter] = {}
-    for name in task_names:
-        if name not in _METER_FACTORIES or name not in TASKS:
-            raise KeyError(f"no meter for task {name!r}; known: {sorted(_METER_FACTORIES)}")
-        meters[name] = _METER_FACTORIES[name](TASKS[name])
+    for spec in tasks:
+        if not isinstance(spec, TaskSpec):
+            raise TypeError(f"build_meters takes the protocol's TaskSpecs, got {spec!r}")
+        meters[spec.name] = kind_of(spec).meter(spec)
     return meters
 
 
@@ -440,18 +494,17 @@ def build_meters(task_names: Sequence[str]) -> dict[str, Meter]:
 # Δm
 
 
-def _spec(task: TaskSpec | str) -> TaskSpec:
-    if isinstance(task, TaskSpec):
-        return task
-    if task not in TASKS:
-        raise KeyError(f"unknown task {task!r}; known: {sorted(TASKS)}")
-    return TASKS[task]
+def _specs(tasks: Sequence[TaskSpec]) -> list[TaskSpec]:
+    bad = [t for t in tasks if not isinstance(t, TaskSpec)]
+    if bad:
+        raise TypeError(f"expected the protocol's TaskSpecs, got {bad[0]!r}")
+    return list(tasks)
 
 
-def primary_scores(results: Mapping[str, Mapping[str, float]], tasks: Sequence[TaskSpec | str]) -> dict[str, float]:
+def primary_scores(results: Mapping[str, Mapping[str, float]], tasks: Sequence[TaskSpec]) -> dict[str, float]:
     """Each task's primary metric (``TaskSpec.metric``) in table units: mIoU x100, normals in degrees."""
     scores = {}
-    for task in map(_spec, tasks):
+    for task in _specs(tasks):
         if task.name not in results:
             raise KeyError(f"no results for task {task.name!r}; have: {sorted(results)}")
         if task.metric not in results[task.name]:
@@ -461,10 +514,10 @@ def primary_scores(results: Mapping[str, Mapping[str, float]], tasks: Sequence[T
 
 
 def delta_m_terms(
-    scores: Mapping[str, float], reference: Mapping[str, float], tasks: Sequence[TaskSpec | str]
+    scores: Mapping[str, float], reference: Mapping[str, float], tasks: Sequence[TaskSpec]
 ) -> dict[str, float]:
     """Per-task signed relative change in percent (negated where lower is better); Δm is their mean."""
-    return {t.name: delta_m(scores, reference, [t]) for t in map(_spec, tasks)}
+    return {t.name: delta_m(scores, reference, [t]) for t in _specs(tasks)}
 
 
 def results_delta_m(
@@ -484,188 +537,6 @@ def results_delta_m(
 
 
 # ----------------------------------------------------------------------------------------------
-# Parity with the official meters: metrics_*.pt fixtures
-
-
-class FixtureError(ValueError):
-    """A fixture file without a field this check needs; the message names the file and the field."""
-
-
-def _field(d: Any, path: str, keys: Sequence[str]) -> Any:
-    cur = d
-    for k in keys:
-        if not isinstance(cur, Mapping) or k not in cur:
-            raise FixtureError(f"{path}: missing field {'.'.join(keys)!r}")
-        cur = cur[k]
-    return cur
-
-
-def _max_abs_diff(ours: Any, ref: Any) -> float:
-    a = torch.as_tensor(ours, dtype=torch.float64)
-    b = torch.as_tensor(ref, dtype=torch.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"shape {list(a.shape)} vs {list(b.shape)}")
-    if a.numel() == 0:
-        return 0.0
-    same = (a == b) | (a.isnan() & b.isnan())
-    return float((a - b).abs().masked_fill(same, 0).max())
-
-
-def _compare(name: str, ours: Any, ref: Any, tol: float) -> Check:
-    try:
-        d = _max_abs_diff(ours, ref)
-    except (ValueError, TypeError, RuntimeError) as e:
-        return Check(name, math.inf, tol, False, f"cannot compare: {e}")
-    passed = d <= tol
-    detail = "" if passed else f"ours {_short(ours)} vs official {_short(ref)}"
-    return Check(name, d, tol, passed, detail)
-
-
-def _short(x: Any) -> str:
-    s = repr(x.tolist() if isinstance(x, Tensor) else x)
-    return s if len(s) <= 120 else s[:117] + "..."
-
-
-def _numeric(x: Any) -> bool:
-    if isinstance(x, bool):
-        return False
-    if isinstance(x, (int, float, Tensor)):
-        return True
-    return isinstance(x, (list, tuple)) and all(_numeric(e) for e in x)
-
-
-# fixture key in results.normals_extra_not_from_official_code -> (our normals key, tolerance or None = bin/2)
-_NORMALS_EXTRA = {"median_deg": ("median", None), "true_rmse_deg": ("rmse_true", METRIC_TOL)}
-
-
-def _fixture_references(path: str, refs: Mapping[str, float], tasks: Sequence[str]) -> dict[str, float]:
-    """Map the fixture's reference keys (``semseg_mIoU_pct``, ``normals_mean_deg``) to task names."""
-    out: dict[str, float] = {}
-    for key, value in refs.items():
-        match = max((t for t in tasks if key.startswith(t + "_")), key=len, default=None)
-        if match is None:
-            raise FixtureError(
-                f"{path}: delta_m.reference_single_task key {key!r} names none of the tasks {list(tasks)}"
-            )
-        out[match] = float(value)
-    return out
-
-
-def parity_checks(path: str | Path) -> list[Check]:
-    """Feed a ``metrics_*.pt`` fixture's logits through these meters in its ``update_batches`` and compare
-    the post-processed meter inputs, every value of ``results``, Δm and the worked Δm example."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"metrics fixture not found: {path}")
-    from benchmark.safeload import safe_load
-
-    fx = safe_load(path, "metrics fixture")
-    stem, p = path.stem, str(path)
-    logits = _field(fx, p, ["logits"])
-    gts = _field(fx, p, ["meter_inputs", "gt"])
-    preds = _field(fx, p, ["meter_inputs", "pred"])
-    batches = _field(fx, p, ["update_batches"])
-    results = _field(fx, p, ["results"])
-    tasks = list(logits)
-    unknown = [t for t in tasks if t not in _METER_FACTORIES]
-    if unknown:
-        raise FixtureError(f"{p}: logits has tasks without a meter here: {unknown}")
-    meters = build_meters(tasks)
-    checks: list[Check] = []
-
-    # 1. post-processing: what the official meters received
-    for t in tasks:
-        ours = postprocess(t, logits[t])
-        ref = _field(preds, p, [t])
-        checks.append(_compare(f"{stem}/meter_inputs/{t}", ours.reshape(ref.shape), ref, 0.0))
-
-    # 2. every result value, meters fed in the fixture's batches
-    ours_all: dict[str, dict[str, Any]] = {}
-    stats: dict[str, list[dict[str, Tensor]]] = {t: [] for t in tasks}
-    for batch in batches:
-        idx = torch.as_tensor(batch, dtype=torch.long)
-        for t in tasks:
-            stats[t].append(meters[t].stats(logits[t][idx], _field(gts, p, [t])[idx]))
-    for t in tasks:
-        ours_all[t] = {**meters[t].reduce(stats[t]), **meters[t].details(stats[t])}
-    for key, table in results.items():
-        if key in tasks:
-            for metric, ref in table.items():
-                name = f"{stem}/{key}/{metric}"
-                if not _numeric(ref):
-                    continue
-                if metric not in ours_all[key]:
-                    checks.append(Check(name, math.inf, METRIC_TOL, False, "not produced by benchmark.metrics"))
-                else:
-                    checks.append(_compare(name, ours_all[key][metric], ref, METRIC_TOL))
-        elif key == "normals_extra_not_from_official_code" and "normals" in tasks:
-            checks.extend(_normals_extra_checks(stem, table, ours_all["normals"], meters["normals"]))
-        else:
-            checks.append(Check(f"{stem}/{key}", math.inf, 0.0, False, "results entry for no known task"))
-
-    # 3. batch invariance (ours): one image per batch gives the same numbers
-    for t in tasks:
-        single = [meters[t].stats(logits[t][i : i + 1], gts[t][i : i + 1]) for b in batches for i in b]
-        checks.append(
-            _compare(
-                f"{stem}/batch_invariance/{t}",
-                _scalars(meters[t].reduce(single)),
-                _scalars(meters[t].reduce(stats[t])),
-                1e-12,
-            )
-        )
-
-    # 4. Δm: primary scores in table units, per-task terms and their mean, against the fixture's references
-    dm = _field(fx, p, ["delta_m"])
-    specs = [TASKS[t] for t in tasks]
-    refs = _fixture_references(p, _field(dm, p, ["reference_single_task"]), tasks)
-    scores = primary_scores({t: ours_all[t] for t in tasks}, specs)
-    for t, ref in _field(dm, p, ["metrics_used_pct"]).items():
-        checks.append(_compare(f"{stem}/delta_m/metrics_used_pct/{t}", scores.get(t, math.nan), ref, METRIC_TOL))
-    try:
-        terms = delta_m_terms(scores, refs, specs)
-        value = delta_m(scores, refs, specs)
-    except (KeyError, ValueError) as e:
-        checks.append(Check(f"{stem}/delta_m", math.inf, METRIC_TOL, False, f"{type(e).__name__}: {e}"))
-    else:
-        for t, ref in _field(dm, p, ["per_task_relative_term_pct"]).items():
-            checks.append(_compare(f"{stem}/delta_m/term/{t}", terms.get(t, math.nan), ref, METRIC_TOL))
-        checks.append(_compare(f"{stem}/delta_m/delta_m_pct", value, _field(dm, p, ["delta_m_pct"]), METRIC_TOL))
-    # (the fixture's references are inputs of the formula check; the protocol's own REFERENCES are data,
-    # tested against the published CSVs by the leaderboard's golden tests)
-
-    # 5. the worked example: the formula alone, on given table values
-    ex = _field(fx, p, ["delta_m_worked_example"])
-    try:
-        value = delta_m(_field(ex, p, ["metrics_pct"]), refs, specs)
-        checks.append(_compare(f"{stem}/delta_m_worked_example", value, _field(ex, p, ["delta_m_pct"]), METRIC_TOL))
-    except (KeyError, ValueError) as e:
-        checks.append(Check(f"{stem}/delta_m_worked_example", math.inf, METRIC_TOL, False, str(e)))
-    return checks
-
-
-def _scalars(d: Mapping[str, float]) -> list[float]:
-    return [d[k] for k in sorted(d)]
-
-
-def _normals_extra_checks(
-    stem: str, table: Mapping[str, Any], ours: Mapping[str, Any], meter: NormalsMeter
-) -> list[Check]:
-    checks = []
-    for key, ref in table.items():
-        name = f"{stem}/normals_extra/{key}"
-        if key == "num_valid_pixels":
-            checks.append(_compare(name, ours["num_valid_pixels"], ref, 0.0))
-        elif key in _NORMALS_EXTRA:
-            ours_key, tol = _NORMALS_EXTRA[key]
-            # the median comes from bin_deg-wide bins: it is exact to half a bin (plus float noise)
-            checks.append(_compare(name, ours[ours_key], ref, tol if tol is not None else meter.bin_deg / 2 + 1e-9))
-        elif _numeric(ref):
-            checks.append(Check(name, math.inf, 0.0, False, "unknown numeric field"))
-    return checks
-
-
-# ----------------------------------------------------------------------------------------------
 # Per-image statistics for confidence intervals (read by leaderboard/stats.py, torch-free).
 
 PER_IMAGE_FORMAT = "mtpeft-per-image"
@@ -680,7 +551,9 @@ def per_image_statistics(meters: Mapping[str, Meter], results: Sequence[Mapping[
     - segmentation: ``intersect`` and ``union``, int pixel counts per image and class (the dataset IoU of a
       class is the sum of intersections over the sum of unions);
     - saliency: ``counts``, int (tp, fp, fn) per image and threshold (the per-image IoU at each threshold);
-    - normals: ``n`` (valid pixels) and ``sum_deg`` (sum of angles, float64) per image.
+    - normals: ``n`` (valid pixels) and ``sum_deg`` (sum of angles, float64) per image;
+    - depth: ``n`` (valid pixels), ``sum_sq_err`` and ``sum_sq_log_err`` (float64) per image: rmse is
+      sqrt(sum of ``sum_sq_err`` / sum of ``n``), pooled over the images.
 
     Reducing these the way the meters do gives the primary metrics bit for bit; resampling the images gives a
     bootstrap interval (``leaderboard.stats``).
@@ -703,6 +576,14 @@ def per_image_statistics(meters: Mapping[str, Meter], results: Sequence[Mapping[
                 "kind": "normals",
                 "n": cat["n"].to(torch.int64).tolist(),
                 "sum_deg": cat["sum_deg"].double().tolist(),
+            }
+        elif isinstance(meter, DepthMeter):
+            cat = {k: torch.cat([s[k] for s in stats]) if stats else torch.zeros(0) for k in DepthMeter.per_image}
+            out[t] = {
+                "kind": "depth",
+                "n": cat["n"].to(torch.int64).tolist(),
+                "sum_sq_err": cat["sum_sq_err"].double().tolist(),
+                "sum_sq_log_err": cat["sum_sq_log_err"].double().tolist(),
             }
     return out
 

@@ -641,15 +641,17 @@ def _trainable_checks(stem: str, model: nn.Module, trainable: Mapping[str, Any] 
 
 def fixture_loss(model: MultiTaskModel, weights: Mapping[str, Any], source: Path | str) -> nn.Module:
     """This harness's multi-task loss (the one a run trains with) for the model's tasks, with a fixture's weights."""
-    from benchmark.losses import LOSSES, MultiTaskLoss
-    from benchmark.protocol import TASKS, TaskSpec
+    from benchmark.losses import MultiTaskLoss
+    from benchmark.protocol import PASCAL_CONTEXT, TaskSpec
+    from benchmark.tasks import TASK_KINDS
 
-    unknown = [t for t in model.tasks if t not in LOSSES or t not in weights]
+    pascal = {s.name: s for s in PASCAL_CONTEXT.tasks}  # the official model fixtures are PASCAL-Context models
+    unknown = [t for t in model.tasks if (t not in pascal and t not in TASK_KINDS) or t not in weights]
     if unknown:
         raise ValueError(f"{source}: no loss or loss weight for task(s) {unknown}")
     specs = [
-        replace(TASKS[t], loss_weight=float(weights[t]))
-        if t in TASKS
+        replace(pascal[t], loss_weight=float(weights[t]))
+        if t in pascal
         else TaskSpec(t, t, "", True, model.cfg.tasks[t], float(weights[t]), False, t)
         for t in model.tasks
     ]

@@ -5,7 +5,8 @@ maximum difference; exits non-zero if any check fails. Fixture kinds (see the fi
 
 - ``dataset_*.pt`` with its dataset folder beside it -> ``benchmark.parity_data.parity_checks`` (PASCAL_MT)
 - ``nyud_dataset_*.pt`` with its NYUD_MT folder      -> ``benchmark.parity_data.parity_checks`` (NYUD_MT)
-- ``metrics_*.pt``                                   -> ``benchmark.metrics.parity_checks``
+- ``metrics_*.pt``                                   -> ``benchmark.parity_metrics.parity_checks``
+- ``nyud_metrics_*.pt``                              -> ``benchmark.parity_metrics.parity_checks`` (NYUDv2)
 - ``model_*.pt`` (+ ``model_*_grad.pt``)             -> ``benchmark.official.parity_checks``
 - ``tadformer_*.pt`` (+ ``tadformer_*_grad.pt``)     -> ``benchmark.official.parity_checks`` (TADFormer)
 - ``train_*.pt`` (+ the model fixture it names)       -> ``benchmark.official_train.parity_checks``
@@ -41,7 +42,8 @@ class Check:
 CHECKERS: dict[str, tuple[str, str]] = {
     "dataset": ("benchmark.parity_data", "dataset_*.pt"),
     "nyud_dataset": ("benchmark.parity_data", "nyud_dataset_*.pt"),
-    "metrics": ("benchmark.metrics", "metrics_*.pt"),
+    "metrics": ("benchmark.parity_metrics", "metrics_*.pt"),
+    "nyud_metrics": ("benchmark.parity_metrics", "nyud_metrics_*.pt"),
     "model": ("benchmark.official", "model_*.pt"),
     "tadformer": ("benchmark.official", "tadformer_*.pt"),  # same checks; the fixture config selects the method
     "train": ("benchmark.official_train", "train_*.pt"),

@@ -70,19 +70,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmark.losses import MultiTaskLoss
 from benchmark.model import SWIN_VARIANTS, MultiTaskModel, model_config_for
 from benchmark.params import count_parameters
-from benchmark.protocol import TASKS as TASK_SPECS
+from benchmark.protocol import PASCAL_CONTEXT, PROTOCOLS, Protocol, get_protocol
+from benchmark.tasks import kind_of
 
 SCHEMA = 1
 AMP_DTYPES = (None, "bfloat16", "float16")
 ANCHORS = ("reference", "full_ft")
 INTERNAL = ("reference", "peft_lora_reference")
-TASK_NAMES = tuple(TASK_SPECS)  # semseg, human_parts, sal, normals
 CLIP_GRAD = 5.0  # docs/protocol.md 2.4
 WEIGHT_DECAY = 0.05
 
@@ -162,7 +161,7 @@ def parse_entry(text: str) -> Entry:
     return entry
 
 
-def method_config(entry: Entry) -> Any:
+def method_config(entry: Entry, protocol: Protocol = PASCAL_CONTEXT) -> Any:
     """The entry's validated method config (``LoRAConfig`` for peft_lora_reference, decoders_only's for reference)."""
     from baselines.lora import LoRAConfig
     from methods import METHODS
@@ -174,7 +173,7 @@ def method_config(entry: Entry) -> Any:
         base = METHODS.get("decoders_only" if entry.name == "reference" else entry.name).default_config()
     try:
         cfg = apply_overrides(base, entry.overrides)
-        cfg.validate(TASK_NAMES)
+        cfg.validate(protocol.task_names)
     except ValueError as e:
         raise PerfError(f"method entry {entry.label!r}: {e}") from None
     return cfg
@@ -194,22 +193,23 @@ def parse_methods(text: str) -> list[Entry]:
 # --------------------------------------------------------------------------- building and stepping one method
 
 
-def model_config(backbone: str, img: int) -> Any:
+def model_config(backbone: str, img: int, protocol: Protocol = PASCAL_CONTEXT) -> Any:
+    """The multi-task Swin with one head per task of ``protocol``."""
     try:
-        return model_config_for(backbone, {t: s.out_channels for t, s in TASK_SPECS.items()}, img_size=img)
+        return model_config_for(backbone, {t.name: t.out_channels for t in protocol.tasks}, img_size=img)
     except (KeyError, ValueError) as e:
         raise PerfError(f"--backbone {backbone} --img {img}: {e.args[0]}") from None
 
 
-def build_net(entry: Entry, backbone: str, img: int) -> nn.Module:
+def build_net(entry: Entry, backbone: str, img: int, protocol: Protocol = PASCAL_CONTEXT) -> nn.Module:
     """The entry's model on a fresh multi-task Swin (seed 0), its trainable set as the method defines it."""
     from baselines.lora import inject
     from methods import METHODS
     from methods.mtlora import set_activation_checkpointing
 
-    method_cfg = method_config(entry)
+    method_cfg = method_config(entry, protocol)
     torch.manual_seed(0)
-    model = MultiTaskModel(model_config(backbone, img))
+    model = MultiTaskModel(model_config(backbone, img, protocol))
     try:
         if entry.name == "peft_lora_reference":
             net = inject(model, method_cfg, fast=False)
@@ -228,23 +228,13 @@ def build_net(entry: Entry, backbone: str, img: int) -> nn.Module:
     return net
 
 
-def make_batch(batch: int, img: int, device: torch.device, seed: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
-    """A random image batch and protocol-shaped targets (labels with some 255 = ignore)."""
+def make_batch(
+    batch: int, img: int, device: torch.device, seed: int = 0, protocol: Protocol = PASCAL_CONTEXT
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """A random image batch and the protocol's targets, each its task kind's synthetic labels (some 255 = ignore)."""
     g = torch.Generator().manual_seed(seed)
     image = torch.randn(batch, 3, img, img, generator=g)
-
-    def labels(n_classes: int) -> Tensor:
-        y = torch.randint(0, n_classes, (batch, 1, img, img), generator=g).float()
-        return y.masked_fill(torch.rand(y.shape, generator=g) < 0.05, 255.0)
-
-    normals = F.normalize(torch.randn(batch, 3, img, img, generator=g), dim=1)
-    normals = normals.masked_fill((torch.rand(batch, 1, img, img, generator=g) < 0.1).expand_as(normals), 255.0)
-    targets = {
-        "semseg": labels(TASK_SPECS["semseg"].out_channels),
-        "human_parts": labels(TASK_SPECS["human_parts"].out_channels),
-        "sal": (torch.rand(batch, 1, img, img, generator=g) > 0.5).float(),
-        "normals": normals,
-    }
+    targets = {t.name: kind_of(t).random_target(t, batch, img, g) for t in protocol.tasks}
     return image.to(device), {t: v.to(device) for t, v in targets.items()}
 
 
@@ -271,6 +261,7 @@ class Bench:
     img: int = 448
     backbone_only: bool = False  # time the backbone alone (features -> a mean-square loss), no decoders, no eval
     eval_amp: bool = True  # forward / evaluation under the training autocast (False: fp32, as run_benchmark evaluates)
+    protocol: Protocol = PASCAL_CONTEXT  # the tasks: targets, loss and meters (the net must have their heads)
     image: Tensor = field(init=False)
     targets: dict[str, Tensor] = field(init=False)
 
@@ -278,15 +269,15 @@ class Bench:
         from benchmark.metrics import build_meters
 
         self.net.to(self.device)
-        self.image, self.targets = make_batch(self.batch, self.img, self.device)
+        self.image, self.targets = make_batch(self.batch, self.img, self.device, protocol=self.protocol)
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
             self.image = self.image.contiguous(memory_format=torch.channels_last)
         self.train_image = self.image.clone().requires_grad_(self.entry.name == "reference")
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(_param_groups(self.net), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
-        self.loss = MultiTaskLoss(list(TASK_SPECS.values()))
-        self.meters = build_meters(TASK_NAMES)
+        self.loss = MultiTaskLoss(self.protocol.tasks)
+        self.meters = build_meters(self.protocol.tasks)
         module = self.net.backbone if self.backbone_only else self.net
         self.fn: Callable[[Tensor], Any] = torch.compile(module) if self.compile else module
         if self.amp not in AMP_DTYPES:
@@ -341,9 +332,10 @@ class Bench:
 
 def make_bench(entry: Entry, args: argparse.Namespace, compile: bool | None = None) -> Bench:
     """The entry's model built and wrapped as the command line says (``compile`` overrides ``--compile``)."""
+    protocol = get_protocol(args.protocol)
     return Bench(
         entry,
-        build_net(entry, args.backbone, args.img),
+        build_net(entry, args.backbone, args.img, protocol),
         torch.device(args.device),
         args.amp,
         args.compile if compile is None else compile,
@@ -352,6 +344,7 @@ def make_bench(entry: Entry, args: argparse.Namespace, compile: bool | None = No
         args.img,
         args.backbone_only,
         not args.eval_fp32,
+        protocol,
     )
 
 
@@ -490,7 +483,7 @@ def profile_step(entry: Entry, args: argparse.Namespace) -> str:
     """torch.profiler's table (self time per operator, largest first) of one train step after ``--warmup`` + 1."""
     from torch.profiler import ProfilerActivity, profile
 
-    model_config(args.backbone, args.img)
+    model_config(args.backbone, args.img, get_protocol(args.protocol))
     device = torch.device(args.device)
     if device.type == "cpu" and args.malloc_tuning:
         tune_malloc()
@@ -547,7 +540,16 @@ def memory_child(entry: Entry, args: argparse.Namespace) -> dict[str, int]:
 
 
 def _child_args(args: argparse.Namespace) -> list[str]:
-    out = ["--backbone", args.backbone, "--img", str(args.img), "--batch", str(args.batch)]
+    out = [
+        "--backbone",
+        args.backbone,
+        "--img",
+        str(args.img),
+        "--batch",
+        str(args.batch),
+        "--protocol",
+        args.protocol,
+    ]
     out += ["--device", args.device, "--threads", str(args.threads)]
     out += ["--amp", args.amp] if args.amp else []
     out += ["--channels-last"] if args.channels_last else []
@@ -611,7 +613,7 @@ def data_throughput(
     else:
         root = Path(data_dir)
         source = str(root)
-    ds = PascalMT(root, "train", TASK_NAMES, transform=None, cache_dir=workdir / "cache")
+    ds = PascalMT(root, "train", PASCAL_CONTEXT.task_names, transform=None, cache_dir=workdir / "cache")
     n = min(n_images, len(ds))
     if n == 0:
         raise PerfError(f"--data {root}: the train split is empty")
@@ -691,7 +693,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         missing = [x for x in (a, b) if x not in labels]
         if missing:
             raise PerfError(f"--pair {a}:{b}: {missing} not among the measured methods {sorted(labels)}")
-    model_config(args.backbone, args.img)  # a bad size fails before anything runs
+    model_config(args.backbone, args.img, get_protocol(args.protocol))  # a bad size fails before anything runs
     device = torch.device(args.device)
     malloc_tuned = tune_malloc() if args.malloc_tuning and device.type == "cpu" else False
     print(f"[perf] building {len(entries)} models ({args.backbone}, {args.img} px)", file=sys.stderr, flush=True)
@@ -772,6 +774,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "schema": SCHEMA,
         "config": {
             "backbone": args.backbone,
+            "protocol": args.protocol,
             "img": args.img,
             "batch": args.batch,
             "steps": args.steps,
@@ -911,6 +914,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmark.perf", description=__doc__.split("\n")[0])
     p.add_argument("--methods", default="full_ft,decoders_only,lora,mtlora", help="comma-separated method entries")
     p.add_argument("--backbone", default="swin_tiny", choices=sorted(SWIN_VARIANTS))
+    p.add_argument(
+        "--protocol",
+        default=PASCAL_CONTEXT.name,
+        choices=sorted(PROTOCOLS),
+        help="whose tasks the models, targets, loss and meters have (the data-pipeline timing reads a PASCAL_MT folder)",
+    )
     p.add_argument("--img", type=_positive, default=448, help="image size (square)")
     p.add_argument("--batch", type=_positive, default=2)
     p.add_argument("--steps", type=_positive, default=5, help="timed rounds (medians over them)")

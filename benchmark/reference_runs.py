@@ -31,13 +31,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmark.protocol import Protocol, get_protocol
+from benchmark.tasks import kind_of
+
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "reference_runs.json"
 PRESET = "tiny"
 SEED = 0
 RUN_K = 3.0  # times the recorded spread across kernel sets and thread counts (see the module docstring)
 THREADS = (1, 2)
-CHECKED_METRICS = {"semseg": ("mIoU",), "human_parts": ("mIoU",), "sal": ("mIoU", "maxF"), "normals": ("mean",)}
+
+
+def checked_metrics(protocol: Protocol) -> dict[str, tuple[str, ...]]:
+    """The metrics a reference run pins: per task of ``protocol``, its primary metric, then the extra metrics its
+    task kind names (``TaskKind.checked_metrics``: saliency's maxF)."""
+    return {t.name: (t.metric, *kind_of(t).checked_metrics) for t in protocol.tasks}
+
+
+CHECKED_METRICS = checked_metrics(get_protocol("pascal-context"))  # the reference runs use the default protocol
 
 
 def kernel_sets() -> list[str]:

@@ -18,7 +18,7 @@ Adding a task kind: a subclass here plus one line in ``TASK_KINDS``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import cv2
 import numpy as np
@@ -66,6 +66,12 @@ def zero_length(channels: Sequence[np.ndarray]) -> np.ndarray:
     sq += channels[2] ** 2
     # The official test is sqrt(sq) == 0; a sum of squares is never negative, so that is sq == 0.
     return sq == 0
+
+
+if TYPE_CHECKING:
+    from torch import Generator, Tensor
+
+    from benchmark.metrics import Meter
 
 
 class TaskKind:
@@ -126,17 +132,78 @@ class TaskKind:
 
     # ---------------------------------------------------------------------------------------------------------
     # compute side (loss, post-processing, meter)
+    # The implementations live in benchmark.losses / benchmark.metrics (imported lazily: torch stays out of
+    # ``import benchmark.tasks`` until a kind computes something); a kind only points at them.
+
+    # metrics besides the primary one that the golden reference runs pin (benchmark.reference_runs)
+    checked_metrics: ClassVar[tuple[str, ...]] = ()
+    # the meter's results are functions of exact integer counts (reproducible bit for bit; parity checks them exactly)
+    exact_counts: ClassVar[bool] = False
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """This kind's training loss of one task: NCHW prediction, its label batch at the same resolution."""
+        raise NotImplementedError(f"task kind {self.name!r} declares no loss")
+
+    def postprocess(self, logits: Tensor) -> Tensor:
+        """The official ``get_output``: what the official meter receives, from NCHW network outputs."""
+        raise NotImplementedError(f"task kind {self.name!r} declares no post-processing")
+
+    def meter(self, spec: TaskSpec) -> Meter:
+        """A fresh meter (``benchmark.metrics.Meter``) for ``spec``."""
+        raise NotImplementedError(f"task kind {self.name!r} declares no meter")
+
+    def random_target(self, spec: TaskSpec, batch: int, size: int | tuple[int, int], generator: Generator) -> Tensor:
+        """A valid synthetic label batch [batch, C, H, W] (float32, with some ignore pixels) for perf and tests."""
+        raise NotImplementedError(f"task kind {self.name!r} declares no synthetic targets")
 
 
-class SemsegKind(TaskKind):
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _class_labels(classes: int, batch: int, size: int | tuple[int, int], generator: Generator) -> Tensor:
+    """Class indices in [0, classes) as float32 [B, 1, H, W], about 5 % of the pixels 255 (ignore)."""
+    import torch
+
+    shape = (batch, 1, *_hw(size))
+    y = torch.randint(0, classes, shape, generator=generator).float()
+    return y.masked_fill(torch.rand(shape, generator=generator) < 0.05, 255.0)
+
+
+class _ClassMapKind(TaskKind):
+    """Dense classification (one label map, classes 0..C-1, 255 = ignore): semantic segmentation, human parts."""
+
+    exact_counts = True
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        from benchmark.losses import cross_entropy_ignore
+
+        return cross_entropy_ignore(pred, target)
+
+    def postprocess(self, logits: Tensor) -> Tensor:
+        from benchmark.metrics import argmax_labels
+
+        return argmax_labels(logits)
+
+    def meter(self, spec: TaskSpec) -> Meter:
+        from benchmark.metrics import SegmentationMeter
+
+        return SegmentationMeter(spec.name, spec.out_channels)
+
+    def random_target(self, spec: TaskSpec, batch: int, size: int | tuple[int, int], generator: Generator) -> Tensor:
+        return _class_labels(spec.out_channels, batch, size, generator)
+
+
+class SemsegKind(_ClassMapKind):
     name = "semseg"
 
     # -- data side
 
     # -- compute side
+    # (loss, post-processing, meter and synthetic labels: _ClassMapKind's)
 
 
-class PartsKind(TaskKind):
+class PartsKind(_ClassMapKind):
     name = "parts"
 
     # -- data side
@@ -145,6 +212,7 @@ class PartsKind(TaskKind):
         return arr if arr.any() else np.full_like(arr, IGNORE)
 
     # -- compute side
+    # (loss, post-processing, meter and synthetic labels: _ClassMapKind's)
 
 
 class SaliencyKind(TaskKind):
@@ -153,6 +221,27 @@ class SaliencyKind(TaskKind):
     # -- data side
 
     # -- compute side
+    checked_metrics = ("maxF",)
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        from benchmark.losses import balanced_bce
+
+        return balanced_bce(pred, target)
+
+    def postprocess(self, logits: Tensor) -> Tensor:
+        from benchmark.metrics import saliency_255
+
+        return saliency_255(logits)
+
+    def meter(self, spec: TaskSpec) -> Meter:
+        from benchmark.metrics import SaliencyMeter
+
+        return SaliencyMeter(spec.name)
+
+    def random_target(self, spec: TaskSpec, batch: int, size: int | tuple[int, int], generator: Generator) -> Tensor:
+        import torch
+
+        return (torch.rand(batch, 1, *_hw(size), generator=generator) > 0.5).float()
 
 
 class NormalsKind(TaskKind):
@@ -229,6 +318,31 @@ class NormalsKind(TaskKind):
 
     # -- compute side
 
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        from benchmark.losses import normals_l1
+
+        return normals_l1(pred, target)
+
+    def postprocess(self, logits: Tensor) -> Tensor:
+        from benchmark.metrics import normals_255
+
+        return normals_255(logits)
+
+    def meter(self, spec: TaskSpec) -> Meter:
+        from benchmark.metrics import NormalsMeter
+
+        return NormalsMeter(spec.name)
+
+    def random_target(self, spec: TaskSpec, batch: int, size: int | tuple[int, int], generator: Generator) -> Tensor:
+        """Unit vectors, about 10 % of the pixels 255 in all three channels (ignore)."""
+        import torch
+        import torch.nn.functional as F
+
+        h, w = _hw(size)
+        normals = F.normalize(torch.randn(batch, 3, h, w, generator=generator), dim=1)
+        invalid = (torch.rand(batch, 1, h, w, generator=generator) < 0.1).expand_as(normals)
+        return normals.masked_fill(invalid, 255.0)
+
 
 class DepthKind(TaskKind):
     name = "depth"
@@ -246,6 +360,27 @@ class DepthKind(TaskKind):
         return np.where(arr == 0, np.asarray(IGNORE, arr.dtype), arr)
 
     # -- compute side
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        from benchmark.losses import depth_l1
+
+        return depth_l1(pred, target)
+
+    def postprocess(self, logits: Tensor) -> Tensor:
+        return logits  # official get_output: identity (no activation, no clamp)
+
+    def meter(self, spec: TaskSpec) -> Meter:
+        from benchmark.metrics import DepthMeter
+
+        return DepthMeter(spec.name)
+
+    def random_target(self, spec: TaskSpec, batch: int, size: int | tuple[int, int], generator: Generator) -> Tensor:
+        """Depths in metres in [0.5, 10), about 10 % of the pixels 255 (missing)."""
+        import torch
+
+        shape = (batch, 1, *_hw(size))
+        depth = 0.5 + 9.5 * torch.rand(shape, generator=generator)
+        return depth.masked_fill(torch.rand(shape, generator=generator) < 0.1, 255.0)
 
 
 TASK_KINDS: Registry[TaskKind] = Registry("task kind")

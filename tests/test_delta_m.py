@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from benchmark.metrics import delta_m_terms, primary_scores, results_delta_m
-from benchmark.protocol import PASCAL_CONTEXT, REFERENCES, TASKS, delta_m, get_reference
+from benchmark.protocol import PASCAL_CONTEXT, REFERENCES, delta_m, get_reference
+
+TASKS = {t.name: t for t in PASCAL_CONTEXT.tasks}
 
 REF = get_reference(PASCAL_CONTEXT.reference).values
 
@@ -31,19 +33,21 @@ def test_primary_scores_are_in_table_units():
     results["normals"] = {"mean": 20.0, "rmse": 20.0, "median": 15.0}
     scores = primary_scores(results, PASCAL_CONTEXT.tasks)
     assert scores == {"semseg": 50.0, "human_parts": 25.0, "sal": 100.0, "normals": 20.0}
-    assert primary_scores(results, ["normals"]) == {"normals": 20.0}  # names work too
+    assert primary_scores(results, [TASKS["normals"]]) == {"normals": 20.0}
+    with pytest.raises(TypeError, match="TaskSpecs"):
+        primary_scores(results, ["normals"])  # a name is not global any more: the protocol's spec is needed
 
 
 def test_primary_scores_missing_task_or_metric_is_an_error():
     with pytest.raises(KeyError, match="no results for task 'sal'"):
-        primary_scores({"semseg": {"mIoU": 0.5}}, ["semseg", "sal"])
+        primary_scores({"semseg": {"mIoU": 0.5}}, [TASKS["semseg"], TASKS["sal"]])
     with pytest.raises(KeyError, match="primary metric 'mean'"):
-        primary_scores({"normals": {"rmse": 17.0}}, ["normals"])
+        primary_scores({"normals": {"rmse": 17.0}}, [TASKS["normals"]])
 
 
 def test_signs_come_from_higher_is_better():
     ref = {"semseg": 50.0, "normals": 20.0}
-    terms = delta_m_terms({"semseg": 55.0, "normals": 18.0}, ref, ["semseg", "normals"])
+    terms = delta_m_terms({"semseg": 55.0, "normals": 18.0}, ref, [TASKS["semseg"], TASKS["normals"]])
     assert terms == pytest.approx({"semseg": 10.0, "normals": 10.0})  # lower normals error is better
     assert delta_m({"semseg": 45.0, "normals": 22.0}, ref, [TASKS["semseg"], TASKS["normals"]]) == pytest.approx(-10.0)
 
@@ -56,7 +60,7 @@ def test_missing_reference_is_an_error_never_a_fallback():
     with pytest.raises(KeyError, match="unknown single-task reference"):
         results_delta_m(results, PASCAL_CONTEXT, "no-such-reference")
     with pytest.raises(ValueError, match="is 0"):
-        delta_m_terms({"sal": 1.0}, {"sal": 0.0}, ["sal"])
+        delta_m_terms({"sal": 1.0}, {"sal": 0.0}, [TASKS["sal"]])
 
 
 def test_fixture_references_are_the_protocol_references(fx):

@@ -357,7 +357,7 @@ def evaluate_checkpoint(ckpt: Path | None, data: Path, device: str, work_dir: Pa
     if ckpt is not None:
         _load_for_eval(net, ckpt, spec)
     tasks = PASCAL_CONTEXT.task_names
-    meters = {t: RecordingMeter(m) for t, m in build_meters(tasks).items()}
+    meters = {t: RecordingMeter(m) for t, m in build_meters(PASCAL_CONTEXT.tasks).items()}
     val = PascalMT(
         data,
         PASCAL_CONTEXT.val_split,
@@ -416,7 +416,7 @@ def _ambiguous_decisions(task: str, ref: torch.Tensor, got: torch.Tensor, tol: f
         from benchmark.metrics import SAL_THRESHOLDS, SaliencyMeter
 
         ts = torch.tensor(list(SAL_THRESHOLDS), dtype=torch.float64)[:, None, None, None]
-        bs = SaliencyMeter().beta_thresholds.double()[:, None, None, None]
+        bs = SaliencyMeter("sal").beta_thresholds.double()[:, None, None, None]
         p_ref, p_got = torch.sigmoid(ref.double())[:, 0], torch.sigmoid(got.double())[:, 0]
         s_ref, s_got = torch.sigmoid(p_ref), torch.sigmoid(p_got)
         differ = ((p_ref > ts) != (p_got > ts)).any(0) | ((s_ref >= bs) != (s_got >= bs)).any(0)

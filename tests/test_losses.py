@@ -8,8 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmark.losses import LOSSES, MultiTaskLoss, balanced_bce, cross_entropy_ignore, normals_l1
-from benchmark.protocol import PASCAL_CONTEXT, TASKS
+from benchmark.losses import MultiTaskLoss, balanced_bce, cross_entropy_ignore, depth_l1, normals_l1
+from benchmark.protocol import NYUD, PASCAL_CONTEXT
+from benchmark.tasks import kind_of
+
+TASKS = {t.name: t for t in PASCAL_CONTEXT.tasks}
 
 G = torch.Generator().manual_seed(0)
 
@@ -87,7 +90,7 @@ def test_multitask_total_uses_taskspec_weights() -> None:
     out = MultiTaskLoss(tasks)(pred, targets)
     assert set(out) == {"semseg", "human_parts", "sal", "normals", "total"}
     for t in tasks:
-        torch.testing.assert_close(out[t.name], LOSSES[t.name](pred[t.name], targets[t.name]))
+        torch.testing.assert_close(out[t.name], kind_of(t).loss(pred[t.name], targets[t.name]))
     want = sum(t.loss_weight * out[t.name] for t in tasks)
     torch.testing.assert_close(out["total"], want)
     custom = [dataclasses.replace(TASKS["sal"], loss_weight=0.5)]
@@ -97,11 +100,54 @@ def test_multitask_total_uses_taskspec_weights() -> None:
 def test_multitask_loss_bad_input() -> None:
     with pytest.raises(ValueError, match="at least one task"):
         MultiTaskLoss([])
-    with pytest.raises(ValueError, match="no loss for task"):
-        MultiTaskLoss([dataclasses.replace(TASKS["sal"], name="keypoints")])
+    with pytest.raises(ValueError, match=r"no task kind for 'keypoints' \(kind 'keypoints'\); known kinds: depth, "):
+        MultiTaskLoss([dataclasses.replace(TASKS["sal"], name="keypoints", kind="keypoints")])
     loss = MultiTaskLoss([TASKS["semseg"], TASKS["sal"]])
     pred = {"semseg": torch.randn(1, 21, 4, 4), "sal": torch.randn(1, 1, 4, 4)}
     with pytest.raises(KeyError, match="'sal' missing from the targets"):
         loss(pred, {"semseg": torch.zeros(1, 1, 4, 4)})
     with pytest.raises(ValueError, match="differ in batch or spatial size"):
         loss(pred, {"semseg": torch.zeros(1, 1, 8, 8), "sal": torch.zeros(1, 1, 4, 4)})
+
+
+def test_segmentation_label_outside_the_classes_is_a_clear_error() -> None:
+    """NYUD's 254 (a PNG value of 255): the official NLLLoss fails with an index error; ours names task and value."""
+    semseg = NYUD.task("semseg")
+    loss = MultiTaskLoss([semseg])
+    pred = {"semseg": torch.randn(2, semseg.out_channels, 4, 4, generator=G)}
+    y = _labels((2, 1, 4, 4), semseg.out_channels)
+    y[1, 0, 2, 3] = 254
+    with pytest.raises(ValueError, match=r"task 'semseg': segmentation label 254 is outside the classes \[0, 40\)"):
+        loss(pred, {"semseg": y})
+    y[1, 0, 2, 3] = -1
+    with pytest.raises(ValueError, match="label -1 is outside"):
+        loss(pred, {"semseg": y})
+    y[1, 0, 2, 3] = 255  # ignore is fine, and the value is the plain cross-entropy bit for bit
+    want = F.cross_entropy(pred["semseg"], y[:, 0].long(), ignore_index=255)
+    assert torch.equal(loss(pred, {"semseg": y})["semseg"], cross_entropy_ignore(pred["semseg"], y))
+    torch.testing.assert_close(loss(pred, {"semseg": y})["semseg"], want)
+
+
+def test_depth_loss_is_l1_over_valid_pixels() -> None:
+    pred = torch.randn(2, 1, 5, 5, generator=G)
+    y = 0.5 + torch.rand(2, 1, 5, 5, generator=G) * 5
+    y[0, 0, :2] = 255
+    valid = y != 255
+    torch.testing.assert_close(depth_l1(pred, y), (pred - y).abs()[valid].mean())
+    p = pred.clone().requires_grad_(True)
+    none = depth_l1(p, torch.full_like(y, 255.0))
+    assert none.item() == 0.0  # no valid pixel: 0, not NaN
+    none.backward()
+    assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+@pytest.mark.parametrize("protocol", [PASCAL_CONTEXT, NYUD], ids=lambda p: p.name)
+def test_multitask_loss_over_a_protocol_with_kind_targets(protocol) -> None:
+    g = torch.Generator().manual_seed(3)
+    pred = {t.name: torch.randn(2, t.out_channels, 6, 6, generator=g) for t in protocol.tasks}
+    targets = {t.name: kind_of(t).random_target(t, 2, 6, g) for t in protocol.tasks}
+    out = MultiTaskLoss(protocol.tasks)(pred, targets)
+    assert set(out) == {*protocol.task_names, "total"}
+    assert all(torch.isfinite(v) for v in out.values())
+    want = torch.stack([t.loss_weight * out[t.name] for t in protocol.tasks]).sum()
+    torch.testing.assert_close(out["total"], want, rtol=0, atol=0)

@@ -558,3 +558,38 @@ def test_checkpointing_recomputes_exactly_the_chosen_regions(monkeypatch, stages
     sum(o.square().mean() for o in out.values()).backward()
     assert sorted(calls["task"]) == sorted([0, 1, 2, 3] + task_again)
     assert calls["plain"] == [2] * (1 + plain_again)
+
+
+@pytest.mark.parametrize("protocol", ["pascal-context", "nyud"])
+def test_bench_steps_on_the_protocols_tasks(protocol: str) -> None:
+    """make_batch, the loss and the meters follow the protocol: its task kinds' synthetic targets and heads."""
+    from benchmark.protocol import get_protocol
+
+    p = get_protocol(protocol)
+    image, targets = perf.make_batch(2, 32, torch.device("cpu"), protocol=p)
+    assert image.shape == (2, 3, 32, 32) and list(targets) == list(p.task_names)
+    for t in p.tasks:
+        y = targets[t.name]
+        assert y.shape[:2] == (2, 3 if t.out_channels == 3 else 1) and y.shape[2:] == (32, 32), t.name
+        if t.kind != "saliency":  # every other kind's synthetic labels hold some ignore (255) pixels
+            assert (y == 255).any() and ((y != 255).any()), t.name
+    entry = perf.parse_entry("mtlora")
+    net = perf.build_net(entry, "swin_micro", 64, protocol=p)
+    assert set(net.decoders) == set(p.task_names)
+    bench = perf.Bench(entry, net, torch.device("cpu"), batch=2, img=64, protocol=p)
+    assert list(bench.meters) == list(p.task_names)
+    bench.train_step()
+    bench.eval_step()
+    assert all(torch.isfinite(q).all() for q in bench.params)
+
+
+def test_perf_cli_on_the_nyud_protocol(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "perf.json"
+    argv = ["--protocol", "nyud", "--methods", "mtlora", "--backbone", "swin_micro", "--img", "64", "--steps", "1"]
+    argv += ["--warmup", "0", "--data-images", "0", "--no-malloc-tuning", "--json", str(out)]
+    assert perf.main(argv) == 0
+    capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert result["config"]["protocol"] == "nyud"
+    assert list(result["meters_ms"]) == ["semseg", "depth", "normals"]
+    assert result["methods"]["mtlora"]["step_s"] > 0

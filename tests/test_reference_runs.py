@@ -58,3 +58,13 @@ def test_bounds_are_the_recorded_spread_across_kernels_and_threads():
     # an entry made before spreads were measured cannot be checked: it asks to be regenerated
     old = {k: v for k, v in entry.items() if k not in ("spread", "spread_settings")}
     assert any("--update full_ft" in p for p in compare("full_ft", old, result))
+
+
+def test_checked_metrics_are_the_protocols_primary_metrics_plus_the_kinds_extras():
+    from benchmark.protocol import NYUD, PASCAL_CONTEXT
+    from benchmark.reference_runs import CHECKED_METRICS, checked_metrics
+
+    assert CHECKED_METRICS == checked_metrics(PASCAL_CONTEXT)
+    for entry in load_golden()["methods"].values():  # the golden file pins exactly these
+        assert {t: tuple(ms) for t, ms in entry["metrics"].items()} == CHECKED_METRICS
+    assert checked_metrics(NYUD) == {t.name: (t.metric,) for t in NYUD.tasks}

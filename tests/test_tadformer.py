@@ -220,7 +220,7 @@ def test_float64_gradients_equal_the_officials_float64_gradients(variant: str) -
 
     from benchmark.losses import MultiTaskLoss
     from benchmark.official import load_official_state_dict, official_to_local_key
-    from benchmark.protocol import TASKS as SPECS
+    from benchmark.protocol import PASCAL_CONTEXT
 
     fx = torch.load(FIXTURES / f"tadformer_{variant}_public.pt", map_location="cpu", weights_only=True)
     g = torch.load(FIXTURES / f"tadformer_{variant}_public_grad.pt", map_location="cpu", weights_only=True)
@@ -229,7 +229,8 @@ def test_float64_gradients_equal_the_officials_float64_gradients(variant: str) -
     model, _ = build_from_fixture_config(fx["config"], drop_path_rate=0.0, lora_dropout=0.0)
     load_official_state_dict(model, fx["state_dict"])
     model.double().train()
-    specs = [replace(SPECS[t], loss_weight=float(g["loss_weights"][t])) for t in model.tasks]
+    spec = {t.name: t for t in PASCAL_CONTEXT.tasks}
+    specs = [replace(spec[t], loss_weight=float(g["loss_weights"][t])) for t in model.tasks]
     out = model(fx["input"].double())
     MultiTaskLoss(specs)(out, {t: x.double() for t, x in g["targets"].items()})["total"].backward()
     params = dict(model.named_parameters())
