@@ -27,13 +27,18 @@ from benchmark.run import UsageError  # bad input: exit code 2
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run_benchmark",
-        description="Train and evaluate a PEFT method under the PASCAL-Context multi-task protocol (MTLoRA, CVPR 2024).",
+        description="Train and evaluate a PEFT method under a multi-task protocol (PASCAL-Context as MTLoRA, CVPR 2024, "
+        "runs it; NYUDv2).",
     )
     p.add_argument("--list", action="store_true", help="list the registered methods with their config fields")
     p.add_argument("--method", nargs="+", metavar="NAME", help="registered method name(s); several make a sweep")
     p.add_argument("--preset", default="paper", help="paper (the protocol exactly) or smoke (tiny, CPU, debug)")
-    p.add_argument("--protocol", default="pascal-context", help="protocol name (default: pascal-context)")
-    p.add_argument("--data", type=Path, help="dataset root in the PASCAL_MT layout (smoke: generated when omitted)")
+    p.add_argument("--protocol", default="pascal-context", help="protocol name: pascal-context (default) or nyud")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="dataset root in the protocol's layout (PASCAL_MT, NYUD_MT; smoke: generated if omitted)",
+    )
     p.add_argument("--pretrained", type=Path, help="Swin ImageNet weights (timm or original Swin release format)")
     p.add_argument(
         "--work-dir",
