@@ -160,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--golden", type=Path, default=GOLDEN)
     args = p.parse_args(argv)
     if args.update is not None:
-        from methods import METHODS
+        from benchmark.run import method_registry
 
-        names = args.update or METHODS.names()
+        registry = method_registry()
+        names = args.update or registry.names()
         data = load_golden(args.golden) if args.golden.is_file() else {}
         data.setdefault("preset", PRESET)
         data.setdefault("seed", SEED)
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         runs = data.setdefault("methods", {})
         for name in names:
-            METHODS.get(name)
+            registry.get(name)
             print(f"reference run: {name}", file=sys.stderr)
             runs[name] = measure(name, log=lambda line: print(line, file=sys.stderr))
         data["methods"] = dict(sorted(runs.items()))

@@ -178,7 +178,9 @@ def layer_widths(model_cfg: Any) -> list[int]:
     return [int(d * swin.mlp_ratio) for d in swin.stage_dims]
 
 
-def resolve_settings(protocol: Protocol, preset: str, epochs: int | None = None, image_size: int | None = None):
+def resolve_settings(
+    protocol: Protocol, preset: str, epochs: int | None = None, image_size: int | None = None
+) -> RunSettings:
     """The preset resolved against the protocol; an unknown preset is a UsageError."""
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
@@ -710,7 +712,8 @@ def _cost(outcome: Outcome, wall_seconds: float) -> dict[str, Any]:
 
 
 def env_info(device: str) -> dict[str, Any]:
-    import mmengine
+    from importlib.metadata import version
+
     import peft
     import timm
     import torch
@@ -720,7 +723,7 @@ def env_info(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "peft": peft.__version__,
-        "mmengine": mmengine.__version__,
+        "mmengine": version("mmengine"),  # not imported here: benchmark.engine is the one module that does
         "device": device,
         "host_cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count() or 0,
