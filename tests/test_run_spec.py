@@ -105,3 +105,16 @@ def test_protocol_flag_reaches_the_spec_and_the_model():
     assert spec.protocol is NYUD and spec.run_id.startswith("nyud.v1--lora--")
     assert spec.meta["protocol"] == "nyud.v1"
     assert spec.model_config.tasks == {"semseg": 40, "depth": 1, "normals": 3}
+
+
+def test_a_preset_value_declared_for_one_protocol_applies_to_that_protocol_only():
+    from benchmark.presets import PRESETS, resolve
+
+    smoke = dataclasses.replace(PRESETS["smoke"], per_protocol={"nyud": {"image_size": 96, "synthetic_train": 12}})
+    nyud, pascal = resolve(NYUD, smoke), resolve(PASCAL_CONTEXT, smoke)
+    assert (nyud.image_size, nyud.synthetic_train) == (96, 12)
+    assert (pascal.image_size, pascal.synthetic_train) == (
+        PRESETS["smoke"].image_size,
+        PRESETS["smoke"].synthetic_train,
+    )
+    assert nyud.debug and nyud.preset == "smoke"
