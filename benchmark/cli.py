@@ -1,7 +1,8 @@
-"""``run_benchmark``: train and evaluate a registered method under the protocol.
+"""``run_benchmark``: train and evaluate a registered method under a protocol.
 
     run_benchmark --list
     run_benchmark --method mtlora --preset smoke
+    run_benchmark --protocol nyud --method mtlora --preset smoke
     run_benchmark --method mtlora --preset paper --data PASCAL_MT --pretrained swin_tiny_patch4_window7_224.pth
     run_benchmark --method mtlora --preset paper --dry-run --json
     run_benchmark --method mtlora --eval-only --checkpoint FILE --data PASCAL_MT
@@ -10,6 +11,10 @@
 
 Exit codes: 0 success; 1 the run failed (non-finite loss, disk full, a crashed data worker or peer process;
 result.json says so where one could be written); 2 bad input (arguments, dataset, checkpoint, config).
+
+This module parses the flags, validates them and dispatches: each run is a ``benchmark.run.RunSpec`` (built by
+``benchmark.sweep.expand_grid``, the same constructor for one run and for a sweep's jobs) given to
+``benchmark.run.run``; a sweep goes to ``benchmark.sweep.run_sweep``.
 """
 
 from __future__ import annotations
