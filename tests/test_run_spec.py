@@ -118,3 +118,50 @@ def test_a_preset_value_declared_for_one_protocol_applies_to_that_protocol_only(
         PRESETS["smoke"].synthetic_train,
     )
     assert nyud.debug and nyud.preset == "smoke"
+
+
+def test_the_protocol_reaches_data_transforms_synthetic_data_and_meters(monkeypatch, tmp_path):
+    """Each protocol-driven API is called from one function of benchmark/run.py with the run's protocol (fakes of
+    the APIs' signatures stand in for the data and compute modules)."""
+    import benchmark.dataset
+    import benchmark.metrics
+    import benchmark.synth
+    import benchmark.transforms
+
+    calls: list[tuple] = []
+
+    def build_transforms(protocol, train, *, seed, image_size):
+        calls.append(("transforms", protocol.name, train, seed, image_size))
+        return f"tf-{train}"
+
+    def open_dataset(protocol, root, split, transform):
+        calls.append(("dataset", protocol.name, Path(root), split, transform))
+        return split
+
+    def make_synthetic_dataset(out, n_train, n_val, seed=0, *, protocol):
+        calls.append(("synth", protocol.name, Path(out), n_train, n_val))
+
+    def build_meters(tasks):
+        calls.append(("meters", tuple(t.kind for t in tasks)))
+        return {}
+
+    monkeypatch.setattr(benchmark.transforms, "build_transforms", build_transforms)
+    monkeypatch.setattr(benchmark.dataset, "open_dataset", open_dataset, raising=False)
+    monkeypatch.setattr(benchmark.synth, "make_synthetic_dataset", make_synthetic_dataset)
+    monkeypatch.setattr(benchmark.synth, "dataset_ready", lambda protocol, root: False, raising=False)
+    monkeypatch.setattr(benchmark.metrics, "build_meters", build_meters)
+
+    spec = RunSpec.from_args(_args("--protocol", "nyud", "--preset", "smoke", "--seed", "2", "--work-dir", str(tmp_path)),
+                             "lora")  # fmt: skip
+    root = run.prepare_data(spec, rank=0)
+    assert run.open_datasets(spec, root) == ("val", "train")
+    run.build_meters(spec.protocol)
+    s = spec.settings
+    assert calls == [
+        ("synth", "nyud", tmp_path / "synthetic_data", s.synthetic_train, s.synthetic_val),
+        ("transforms", "nyud", False, 2, s.image_size),
+        ("dataset", "nyud", root, "val", "tf-False"),
+        ("transforms", "nyud", True, 2, s.image_size),
+        ("dataset", "nyud", root, "train", "tf-True"),
+        ("meters", ("semseg", "depth", "normals")),
+    ]
