@@ -40,7 +40,7 @@ from mmengine.model import BaseModel
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.optim.scheduler.lr_scheduler import LRSchedulerMixin
 from mmengine.optim.scheduler.param_scheduler import _ParamScheduler
-from mmengine.runner import Runner
+from mmengine.runner import Runner, set_random_seed  # noqa: F401  (set_random_seed: for benchmark.run)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 

@@ -104,22 +104,12 @@ class Entry:
 
 def split_top(text: str, sep: str = ",") -> list[str]:
     """Split on ``sep`` outside brackets: ``a[x=1,y=[2,3]],b`` -> ``['a[x=1,y=[2,3]]', 'b']``."""
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        if ch in "[(":
-            depth += 1
-        elif ch in "])":
-            depth -= 1
-            if depth < 0:
-                raise PerfError(f"--methods {text!r}: unbalanced ']'")
-        if ch == sep and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    if depth:
-        raise PerfError(f"--methods {text!r}: unbalanced '['")
-    parts.append("".join(cur))
+    from benchmark.keyvalue import split_top_level
+
+    try:
+        parts = split_top_level(text, sep, strict=True)
+    except ValueError as e:
+        raise PerfError(f"--methods {text!r}: {e}") from None
     return [p.strip() for p in parts if p.strip()]
 
 

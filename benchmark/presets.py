@@ -6,7 +6,10 @@ results ``debug``, so they can never reach a leaderboard table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from benchmark.protocol import Protocol
 
@@ -27,6 +30,12 @@ class Preset:
     warmup_epochs: float | None = None
     log_interval: int = 50
     description: str = ""
+    # per protocol name, the fields whose value differs for that protocol (e.g. {"nyud": {"image_size": 96}})
+    per_protocol: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def for_protocol(self, name: str) -> Preset:
+        """This preset with the values it declares for protocol ``name``."""
+        return dataclasses.replace(self, **self.per_protocol.get(name, {}))
 
 
 PRESETS: dict[str, Preset] = {
@@ -101,7 +110,9 @@ class RunSettings:
 def resolve(
     protocol: Protocol, preset: Preset, epochs: int | None = None, image_size: int | None = None
 ) -> RunSettings:
-    """Fill the preset from the protocol; overriding epochs or the image size away from it makes a run debug."""
+    """Fill the preset (its values for this protocol) from the protocol; overriding epochs or the image size away
+    from it makes a run debug."""
+    preset = preset.for_protocol(protocol.name)
     off_protocol = (epochs is not None and epochs != protocol.epochs) or (
         image_size is not None and image_size != protocol.image_size
     )

@@ -4,8 +4,8 @@
     python -m benchmark.reference_runs --update lora mtlora     # regenerate some methods, keep the others
     python -m benchmark.reference_runs --check full_ft lora mtlora
 
-Each reference run is ``run_benchmark --method NAME --preset tiny --seed 0`` on the CPU (generated data, swin_micro
-at 64 px, 2 epochs). A change that moves any of these metrics beyond numerical noise changes what a method
+Each reference run is what ``run_benchmark --method NAME --preset tiny --seed 0 --device cpu`` runs (generated data,
+swin_micro at 64 px, 2 epochs), as a run specification passed to ``benchmark.run.run`` in a fresh process. A change that moves any of these metrics beyond numerical noise changes what a method
 computes: either it is intended (regenerate and say why in the commit) or it is a regression.
 
 Noise model. The same run on the same machine, kernels and thread count gives identical bits; what moves the
@@ -29,7 +29,10 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from benchmark.run import RunSpec
 
 from benchmark.protocol import Protocol, get_protocol
 from benchmark.tasks import kind_of
@@ -65,22 +68,43 @@ def kernel_sets() -> list[str]:
     return sets
 
 
+def reference_spec(method: str, work_dir: Path, protocol: str = "pascal-context", **options: Any) -> RunSpec:
+    """The reference run of ``method`` as a run specification: the ``tiny`` preset, seed 0, generated data, on
+    the CPU, in ``work_dir``; ``options``: more RunSpec fields (e.g. ``activation_checkpointing="all"``)."""
+    from benchmark.protocol import get_protocol
+    from benchmark.run import RunSpec, resolve_settings
+
+    proto = get_protocol(protocol)
+    settings = resolve_settings(proto, PRESET)
+    return RunSpec.build(proto, method, (), SEED, settings, work_dir=Path(work_dir), device="cpu", **options)
+
+
 def run_reference(
-    method: str, threads: int = 1, extra_args: Sequence[str] = (), capability: str | None = None
+    method: str, threads: int = 1, options: dict[str, Any] | None = None, capability: str | None = None
 ) -> dict[str, Any]:
-    """Run one reference run in a fresh process (``extra_args``: more run_benchmark flags; ``capability``: an
-    ``ATEN_CPU_CAPABILITY`` for it, None = as this process has it); returns its result."""
+    """Run one reference run in a fresh process (``benchmark.run.run`` on :func:`reference_spec`; ``options``:
+    more RunSpec fields; ``capability``: an ``ATEN_CPU_CAPABILITY`` for it, None = as this process has it): the
+    thread count and the kernel set are fixed when torch starts. Returns its result."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if capability is not None:
         env["ATEN_CPU_CAPABILITY"] = capability
     env.pop("MTPEFT_FAULT_NAN_ITER", None)
     with tempfile.TemporaryDirectory(prefix=f"refrun-{method}-") as tmp:
-        cmd = [sys.executable, "-m", "benchmark.cli", "--method", method, "--preset", PRESET, "--seed", str(SEED),
-               "--work-dir", tmp, *extra_args]  # fmt: skip
+        child = "import sys; from benchmark.reference_runs import _run_child; sys.exit(_run_child(sys.argv[1:]))"
+        cmd = [sys.executable, "-c", child, method, tmp, json.dumps(options or {})]
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         if p.returncode != 0:
             raise RuntimeError(f"reference run of {method} failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
         return json.loads((Path(tmp) / "result.json").read_text())
+
+
+def _run_child(argv: Sequence[str]) -> int:
+    """In the fresh process of :func:`run_reference`: METHOD WORK_DIR OPTIONS_JSON."""
+    from benchmark.run import run
+
+    method, work_dir, options = argv
+    result = run(reference_spec(method, Path(work_dir), **json.loads(options)))
+    return 1 if result.status == "failed" else 0
 
 
 def golden_entry(result: dict[str, Any]) -> dict[str, Any]:
@@ -147,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--golden", type=Path, default=GOLDEN)
     args = p.parse_args(argv)
     if args.update is not None:
-        from methods import METHODS
+        from benchmark.run import method_registry
 
-        names = args.update or METHODS.names()
+        registry = method_registry()
+        names = args.update or registry.names()
         data = load_golden(args.golden) if args.golden.is_file() else {}
         data.setdefault("preset", PRESET)
         data.setdefault("seed", SEED)
@@ -159,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         runs = data.setdefault("methods", {})
         for name in names:
-            METHODS.get(name)
+            registry.get(name)
             print(f"reference run: {name}", file=sys.stderr)
             runs[name] = measure(name, log=lambda line: print(line, file=sys.stderr))
         data["methods"] = dict(sorted(runs.items()))

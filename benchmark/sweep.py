@@ -8,7 +8,8 @@
   A ``--set`` value with top-level commas is a list of alternatives (``rank=16,32,64``); brackets, braces and
   quotes protect commas (``shared_rank=[64,64,64,64]`` is one value). A key applies to the selected methods
   that have that field and is an error only if none has it.
-- Each job runs in ``<sweep dir>/<run_id>/`` (``benchmark.results.make_run_id``), as
+- Each job is a run specification (``benchmark.run.RunSpec``, built by the constructor ``run_benchmark`` uses for
+  one run: the config and the run id are the specification's) and runs in ``<sweep dir>/<run_id>/``, as
   ``python -m benchmark.cli ... --resume`` (``torchrun --standalone --nproc_per_node N -m benchmark.cli ...``
   for ``--gpus-per-job N > 1``); the command is recorded in ``command.json`` there, its output in ``log.txt``.
 - Idempotent: a job whose ``result.json`` is complete for these settings is skipped; a killed one resumes from
@@ -33,9 +34,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from benchmark.results import ResultError, RunResult, atomic_write_json, make_run_id
+from benchmark.keyvalue import split_pair, split_top_level
+from benchmark.results import ResultError, RunResult, atomic_write_json
+
+if TYPE_CHECKING:
+    from benchmark.run import RunSpec
 
 STATES = ("done", "skipped", "resumed", "failed")
 LOG_NAME = "log.txt"
@@ -52,33 +57,9 @@ class SweepError(ValueError):
 # --------------------------------------------------------------------------- the grid
 
 
-@dataclass(frozen=True)
-class GridPoint:
-    method: str
-    overrides: tuple[str, ...]  # "key=value" for the keys this method has, one alternative each
-    config: dict[str, Any]  # the resulting config, as in result.json
-    seed: int
-    run_id: str
-
-
 def split_alternatives(text: str, key: str) -> list[str]:
     """Split ``a,b,c`` at top-level commas; commas inside [], {}, () or quotes belong to the value."""
-    out, depth, quote, cur = [], 0, "", []
-    for ch in text:
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            out.append("".join(cur))
-            cur = []
-            continue
-        cur.append(ch)
-    out.append("".join(cur))
+    out = split_top_level(text)
     if any(not a.strip() for a in out):
         raise SweepError(
             f"--set {key}={text}: empty alternative (top-level commas separate the values to sweep; "
@@ -90,10 +71,10 @@ def split_alternatives(text: str, key: str) -> list[str]:
 def parse_sets(sets: Sequence[str]) -> list[tuple[str, list[str]]]:
     parsed: list[tuple[str, list[str]]] = []
     for item in sets:
-        if "=" not in item:
-            raise SweepError(f"--set {item!r}: expected key=value")
-        key, text = item.split("=", 1)
-        key = key.strip()
+        try:
+            key, text = split_pair(item)
+        except ValueError as e:
+            raise SweepError(str(e)) from None
         if any(k == key for k, _ in parsed):
             raise SweepError(f"--set {key}: given twice (write the alternatives as {key}=a,b,c)")
         parsed.append((key, split_alternatives(text, key)))
@@ -151,16 +132,23 @@ def expand_grid(
     seeds: Sequence[int],
     protocol: Any,
     layer_widths: Sequence[int] | None = None,
-) -> list[GridPoint]:
-    """All jobs of the grid in a stable order (method, config, seed); duplicates removed. Every config is
-    built and validated here (its method's rules, then every field's range: ``config_range_error`` against the
-    backbone's ``layer_widths``), so a bad value fails before anything runs."""
+    *,
+    settings: Any = None,
+    options: dict[str, Any] | None = None,
+) -> list[RunSpec]:
+    """All jobs of the grid as run specifications (``benchmark.run.RunSpec``, the constructor ``run_benchmark``
+    uses for one run) in a stable order (method, config, seed); duplicates removed. Every config is built and
+    validated here (its method's rules, then every field's range: ``config_range_error`` against the backbone's
+    ``layer_widths``), so a bad value fails before anything runs. ``settings``: the resolved preset (default:
+    the protocol itself); ``options``: the other RunSpec fields, the same for every job."""
+    import dataclasses
     import difflib
 
-    from methods import METHODS
-    from methods.base import apply_overrides
+    from benchmark.run import RunSpec, apply_overrides, method_registry, resolve_settings
 
-    specs = [METHODS.get(m) for m in dict.fromkeys(methods)]
+    registry = method_registry()
+    settings = settings or resolve_settings(protocol, "paper")
+    specs = [registry.get(m) for m in dict.fromkeys(methods)]
     fields = {spec.name: spec.set_names() for spec in specs}
     parsed = parse_sets(sets)
     for key, alts in parsed:
@@ -175,16 +163,18 @@ def expand_grid(
             f"--set {key}: none of the selected methods ({', '.join(s.name for s in specs)}) has a config field "
             f"{key!r};{hint} (a key applies to the methods that have it; see run_benchmark --list)"
         )
-    points: dict[str, GridPoint] = {}
+    points: dict[str, RunSpec] = {}
     for spec in specs:
         own = [(k, alts) for k, alts in parsed if k in fields[spec.name]]
         combos = list(itertools.product(*[alts for _, alts in own]))
         for combo in combos:
             overrides = tuple(f"{k}={v}" for (k, _), v in zip(own, combo, strict=True))
-            cfg = apply_overrides(spec.default_config(), overrides)
+            first = RunSpec.build(
+                protocol, spec.name, overrides, seeds[0] if seeds else 0, settings, **(options or {})
+            )
             try:
-                cfg.validate(protocol.task_names)
-                problem = config_range_error(cfg.to_dict(), layer_widths)
+                first.method_config.validate(protocol.task_names)
+                problem = config_range_error(first.config, layer_widths)
                 if problem and len(specs) == 1 and len(combos) == 1:
                     problem = f"--set {' '.join(overrides) or '(defaults)'}: {problem}"
                 if problem:
@@ -193,10 +183,9 @@ def expand_grid(
                 if len(specs) == 1 and len(combos) == 1:
                     raise
                 raise ValueError(f"{spec.name} with --set {' '.join(overrides) or '(defaults)'}: {e}") from None
-            config = cfg.to_dict()
             for seed in seeds:
-                run_id = make_run_id(protocol.name, protocol.version, spec.name, config, [seed])
-                points.setdefault(run_id, GridPoint(spec.name, overrides, config, seed, run_id))
+                point = first if seed == first.seed else dataclasses.replace(first, seed=seed)
+                points.setdefault(point.run_id, point)
     return list(points.values())
 
 
@@ -220,7 +209,7 @@ PASSTHROUGH = (
 )
 
 
-def job_command(point: GridPoint, args: argparse.Namespace, job_dir: Path, nproc: int) -> list[str]:
+def job_command(point: RunSpec, args: argparse.Namespace, job_dir: Path, nproc: int) -> list[str]:
     """The command one job runs: run_benchmark for one (method, config, seed), always with --resume."""
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
@@ -381,7 +370,7 @@ def completed(job_dir: Path, expected: dict[str, Any]) -> bool:
 
 
 def plan(
-    args: argparse.Namespace, grid: Sequence[GridPoint], settings: Any, sweep_dir: Path, nproc: int
+    args: argparse.Namespace, grid: Sequence[RunSpec], settings: Any, sweep_dir: Path, nproc: int
 ) -> list[JobRecord]:
     expected = _expected(settings)
     jobs = []
@@ -505,7 +494,7 @@ def _device_pool() -> list[int]:
     return list(range(1024))
 
 
-def run_sweep(args: argparse.Namespace, grid: Sequence[GridPoint], settings: Any) -> int:
+def run_sweep(args: argparse.Namespace, grid: Sequence[RunSpec], settings: Any) -> int:
     """Plan, submit and wait for the jobs; print and write the summary. Returns 0 if no job failed."""
     executor = args.executor or "local"
     sweep_dir = (args.work_dir or Path("work_dirs")).expanduser().resolve()

@@ -353,14 +353,14 @@ def apply_overrides(cfg: MethodConfig, overrides: Sequence[str]) -> MethodConfig
     """Apply ``key=value`` strings to a config; unknown keys and wrong types fail with a clear message."""
     import difflib
 
+    from benchmark.keyvalue import split_pair
+
     hints = typing.get_type_hints(type(cfg))
     names = [f.name for f in dataclasses.fields(cfg)]
     changes: dict[str, Any] = {}
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        key, text = item.split("=", 1)
-        key = type(cfg).ALIASES.get(key.strip(), key.strip())
+        key, text = split_pair(item)
+        key = type(cfg).ALIASES.get(key, key)
         if key not in names:
             near = difflib.get_close_matches(key, names, n=3)
             hint = f" did you mean {', '.join(near)}?" if near else ""

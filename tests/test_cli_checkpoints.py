@@ -13,10 +13,12 @@ import torch
 from mmengine.runner import set_random_seed
 
 from benchmark import engine
-from benchmark.cli import _model_config, build_net, main
+from benchmark.cli import main
 from benchmark.official import to_official_state_dict
 from benchmark.presets import PRESETS, resolve
 from benchmark.protocol import PASCAL_CONTEXT
+from benchmark.run import build_net
+from benchmark.run import model_config as _model_config
 from methods import METHODS
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -290,10 +290,10 @@ def state_bytes(net, optimizer_moments: int = 2) -> int:
 
 
 def build(method: str, preset: str):
-    from benchmark.cli import build_net
     from benchmark.model import model_config_for
     from benchmark.presets import PRESETS, resolve
     from benchmark.protocol import PASCAL_CONTEXT as P
+    from benchmark.run import build_net
     from methods import METHODS
 
     s = resolve(P, PRESETS[preset])

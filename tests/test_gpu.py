@@ -345,10 +345,12 @@ def evaluate_checkpoint(ckpt: Path | None, data: Path, device: str, work_dir: Pa
     of ``ckpt`` on ``device``, in fp32 as every evaluation; returns (metrics, the recording meters)."""
     from mmengine.runner import set_random_seed
 
-    from benchmark.cli import _load_for_eval, _model_config, build_net
     from benchmark.dataset import PascalMT, build_transforms, collate
     from benchmark.metrics import build_meters
     from benchmark.presets import PRESETS, resolve
+    from benchmark.run import build_net
+    from benchmark.run import load_for_eval as _load_for_eval
+    from benchmark.run import model_config as _model_config
 
     spec = METHODS.get("mtlora")
     settings = resolve(PASCAL_CONTEXT, PRESETS["tiny"], int(EPOCHS))

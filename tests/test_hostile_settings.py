@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 from mmengine.runner import set_random_seed
 
 from benchmark import engine
-from benchmark.cli import SEED_MAX, _model_config, build_net, layer_widths, main
+from benchmark.cli import SEED_MAX, main
 from benchmark.presets import PRESETS, resolve
 from benchmark.protocol import PASCAL_CONTEXT
+from benchmark.run import build_net, layer_widths
+from benchmark.run import model_config as _model_config
 from benchmark.sweep import SweepError, config_range_error, expand_grid, split_alternatives
 from methods import METHODS
 

@@ -25,7 +25,7 @@ def test_reference_run_reproduces_its_golden_metrics(method):
 def test_activation_checkpointing_trains_the_same_mtlora():
     # the recomputation replays the dropout and drop-path draws: the same training, within the runs' noise bounds
     golden = load_golden()["methods"]["mtlora"]
-    result = run_reference("mtlora", extra_args=["--activation-checkpointing"])
+    result = run_reference("mtlora", options={"activation_checkpointing": "all"})
     assert compare("mtlora", golden, result) == []
     assert any("activation checkpointing" in n for n in result["notes"])
 

@@ -177,8 +177,10 @@ def test_list_shows_methods_with_fields():
         (["--method", "full_ft", "--image-size", "100", "--dry-run"], "image size 100"),
         (["--method", "full_ft", "--eval-only", "--preset", "tiny"], "--eval-only needs --checkpoint"),
         (["--method", "full_ft", "--preset", "huge"], "unknown preset 'huge'"),
-        (["--method", "lora", "--activation-checkpointing", "--dry-run"], "available for the MTLoRA methods"),
+        (["--method", "lora", "--activation-checkpointing", "--dry-run"], "it is available for mtlora, mtlora_plus"),
         (["--method", "mtlora", "--activation-checkpointing", "5", "--dry-run"], "stage numbers 1-4"),
+        (["--method", "lora", "--preset", "tiny", "--activation-checkpointing"], "it is available for mtlora"),
+        (["--method", "lora", "--protocol", "nyd", "--dry-run"], "unknown protocol 'nyd'; known: ['nyud'"),
     ],
 )
 def test_bad_input_is_a_clear_error(args, expected, tmp_path, capsys):
@@ -188,7 +190,7 @@ def test_bad_input_is_a_clear_error(args, expected, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2, err
     assert expected in err
-    assert not (tmp_path / "wd" / "result.json").exists()
+    assert not (tmp_path / "wd").exists()  # refused before any folder is made
 
 
 def test_activation_checkpointing_none_is_accepted_for_any_method(capsys):

@@ -14,7 +14,8 @@ import pytest
 from benchmark.cli import build_parser, main
 from benchmark.protocol import PASCAL_CONTEXT
 from benchmark.results import RunResult, make_run_id
-from benchmark.sweep import GridPoint, SweepError, expand_grid, job_command, slurm_parameters, split_alternatives
+from benchmark.run import RunSpec
+from benchmark.sweep import SweepError, expand_grid, job_command, slurm_parameters, split_alternatives
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("MTPEFT_FAULT_")}
 ENV.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -119,7 +120,7 @@ def test_slurm_sweep_dry_run_builds_torchrun_jobs_and_sbatch_parameters(tmp_path
 )
 def test_job_command_passes_activation_checkpointing_on(given, passed, tmp_path):
     args = build_parser().parse_args(["--method", "mtlora", "--preset", "tiny", *given])
-    cmd = job_command(GridPoint("mtlora", (), {}, 0, "run"), args, tmp_path / "job", 1)
+    cmd = job_command(RunSpec.from_args(args, "mtlora"), args, tmp_path / "job", 1)
     if passed is None:
         assert "--activation-checkpointing" not in cmd
     else:
