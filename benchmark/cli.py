@@ -148,7 +148,7 @@ def _env_info(device: str) -> dict[str, Any]:
 
 
 def _print_list(as_json: bool) -> None:
-    from methods import METHODS
+    from benchmark.method_api import METHODS
 
     rows = []
     for name in METHODS.names():
@@ -368,10 +368,9 @@ def _main(args: argparse.Namespace) -> int:
     validate_args(args)
 
     from benchmark import sweep
+    from benchmark.method_api import METHODS, apply_overrides
     from benchmark.presets import PRESETS, resolve
     from benchmark.protocol import get_protocol
-    from methods import METHODS
-    from methods.base import apply_overrides
 
     protocol = get_protocol(args.protocol)
     if args.preset not in PRESETS:
@@ -433,8 +432,7 @@ def layer_widths(model_cfg: Any) -> list[int]:
 
 
 def _dry_run_all(args: argparse.Namespace, configs: list[Any], settings: Any, protocol: Any) -> int:
-    from methods import METHODS
-    from methods.base import apply_overrides
+    from benchmark.method_api import METHODS, apply_overrides
 
     model_cfg = _model_config(settings, protocol)
     outs = []

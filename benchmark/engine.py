@@ -435,7 +435,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 class MergeForEvalHook(Hook):
-    """Validate with LoRA-family updates folded into the frozen weights (``methods.base.merge_for_eval``);
+    """Validate with LoRA-family updates folded into the frozen weights (``benchmark.peft_tools.merge_for_eval``);
     the exact weights are restored before anything else (checkpointing) sees the model again."""
 
     priority = "HIGH"  # after_val_epoch: unmerge before BenchmarkHook (LOW) saves a checkpoint
@@ -445,7 +445,7 @@ class MergeForEvalHook(Hook):
         self._stack: contextlib.ExitStack | None = None
 
     def before_val_epoch(self, runner: Runner) -> None:
-        from methods.base import merge_for_eval
+        from benchmark.peft_tools import merge_for_eval
 
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(merge_for_eval(self.net))

@@ -4,7 +4,7 @@
 
 A method entry is a registered method name, optionally with config overrides in brackets, e.g.
 ``lora[rank=64,alpha=64,dropout=0]`` or ``mtlora[shared_rank=[16,16,16,16]]``; ``_form=NAME`` in the brackets
-forces one LoRA form (``methods.lora_ops.FORMS``) on the method's LoRA layers and ``_checkpoint=all`` (or stage
+forces one LoRA form (``benchmark.lora_ops.FORMS``) on the method's LoRA layers and ``_checkpoint=all`` (or stage
 numbers, ``_checkpoint=1+2``) turns on MTLoRA's activation checkpointing. Two entries are internal to this
 tool: ``reference`` (see below) and ``peft_lora_reference[...]``, the ``lora`` config injected with peft's own
 LoRA layers, the anchor the fast ``lora`` layers are compared with. ``reference`` and ``full_ft`` are always
@@ -22,7 +22,7 @@ the order rotating), warm-up rounds dropped, medians over the remaining rounds:
   ``torch.utils.flop_counter`` in an untimed step): the arithmetic a method cannot avoid, so that a time ratio
   can be read against its FLOP ratio;
 - evaluation images/s (eval mode, no gradients, forward + the protocol's meters' ``stats``) and forward-only
-  images/s, both with LoRA-family updates merged into the weights (``methods.base.merge_for_eval``), plus the
+  images/s, both with LoRA-family updates merged into the weights (``benchmark.peft_tools.merge_for_eval``), plus the
   unmerged forward;
 - the meters alone: milliseconds per batch each task's meter takes for its ``stats`` on the reference's outputs
   (``meters_ms``), what evaluation adds to the forward for every method alike;
@@ -125,8 +125,8 @@ def split_top(text: str, sep: str = ",") -> list[str]:
 
 
 def parse_entry(text: str) -> Entry:
-    from methods import METHODS
-    from methods.lora_ops import FORMS
+    from benchmark.lora_ops import FORMS
+    from benchmark.method_api import METHODS
 
     name, overrides = text, []
     if "[" in text:
@@ -165,8 +165,7 @@ def parse_entry(text: str) -> Entry:
 def method_config(entry: Entry) -> Any:
     """The entry's validated method config (``LoRAConfig`` for peft_lora_reference, decoders_only's for reference)."""
     from baselines.lora import LoRAConfig
-    from methods import METHODS
-    from methods.base import apply_overrides
+    from benchmark.method_api import METHODS, apply_overrides
 
     if entry.name == "peft_lora_reference":
         base: Any = LoRAConfig()
@@ -204,7 +203,7 @@ def model_config(backbone: str, img: int) -> Any:
 def build_net(entry: Entry, backbone: str, img: int) -> nn.Module:
     """The entry's model on a fresh multi-task Swin (seed 0), its trainable set as the method defines it."""
     from baselines.lora import inject
-    from methods import METHODS
+    from benchmark.method_api import METHODS
     from methods.mtlora import set_activation_checkpointing
 
     method_cfg = method_config(entry)
@@ -680,8 +679,8 @@ def machine(device: torch.device, threads: int) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure everything ``args`` asks for; returns the JSON-able result."""
-    from methods.base import merge_for_eval
-    from methods.lora_ops import record_forms
+    from benchmark.lora_ops import record_forms
+    from benchmark.peft_tools import merge_for_eval
 
     entries = parse_methods(args.methods)
     labels = {e.label for e in entries}

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--golden", type=Path, default=GOLDEN)
     args = p.parse_args(argv)
     if args.update is not None:
-        from methods import METHODS
+        from benchmark.method_api import METHODS
 
         names = args.update or METHODS.names()
         data = load_golden(args.golden) if args.golden.is_file() else {}

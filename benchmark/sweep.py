@@ -157,8 +157,7 @@ def expand_grid(
     backbone's ``layer_widths``), so a bad value fails before anything runs."""
     import difflib
 
-    from methods import METHODS
-    from methods.base import apply_overrides
+    from benchmark.method_api import METHODS, apply_overrides
 
     specs = [METHODS.get(m) for m in dict.fromkeys(methods)]
     fields = {spec.name: spec.set_names() for spec in specs}

@@ -14,10 +14,10 @@ from mmengine.runner import set_random_seed
 
 from benchmark import engine
 from benchmark.cli import _model_config, build_net, main
+from benchmark.method_api import METHODS
 from benchmark.official import to_official_state_dict
 from benchmark.presets import PRESETS, resolve
 from benchmark.protocol import PASCAL_CONTEXT
-from methods import METHODS
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -291,10 +291,10 @@ def state_bytes(net, optimizer_moments: int = 2) -> int:
 
 def build(method: str, preset: str):
     from benchmark.cli import build_net
+    from benchmark.method_api import METHODS
     from benchmark.model import model_config_for
     from benchmark.presets import PRESETS, resolve
     from benchmark.protocol import PASCAL_CONTEXT as P
-    from methods import METHODS
 
     s = resolve(P, PRESETS[preset])
     cfg = model_config_for(s.backbone, {t.name: t.out_channels for t in P.tasks}, img_size=s.image_size,

@@ -31,11 +31,11 @@ from mmengine.optim import OptimWrapper
 
 from benchmark import engine, perf
 from benchmark.losses import MultiTaskLoss
+from benchmark.method_api import METHODS
 from benchmark.model import MultiTaskModel, model_config_for
 from benchmark.official import strict_fp32
 from benchmark.params import count_parameters
 from benchmark.protocol import PASCAL_CONTEXT
-from methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {t.name: t.out_channels for t in PASCAL_CONTEXT.tasks}

@@ -15,12 +15,12 @@ from mmengine.runner import set_random_seed
 import benchmark.parity as parity
 from benchmark import workdir
 from benchmark.cli import _model_config, build_net, main
+from benchmark.method_api import METHODS
 from benchmark.official import to_official_state_dict
 from benchmark.presets import PRESETS, resolve
 from benchmark.protocol import PASCAL_CONTEXT
 from benchmark.results import make_run_id
 from benchmark.safeload import CheckpointError, OfficialConfig, safe_load
-from methods import METHODS
 
 FORMATS = ("zip", "legacy", "plain_pickle")
 

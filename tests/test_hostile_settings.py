@@ -14,10 +14,10 @@ from mmengine.runner import set_random_seed
 
 from benchmark import engine
 from benchmark.cli import SEED_MAX, _model_config, build_net, layer_widths, main
+from benchmark.method_api import METHODS
 from benchmark.presets import PRESETS, resolve
 from benchmark.protocol import PASCAL_CONTEXT
 from benchmark.sweep import SweepError, config_range_error, expand_grid, split_alternatives
-from methods import METHODS
 
 TINY_DIMS = layer_widths(_model_config(resolve(PASCAL_CONTEXT, PRESETS["tiny"]), PASCAL_CONTEXT))
 

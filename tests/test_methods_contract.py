@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmark.method_api import METHODS
 from benchmark.model import MultiTaskModel, model_config_for
 from benchmark.params import count_parameters
-from methods import METHODS
 
 TASKS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3}
 IMG = 64
 ROOT = Path(__file__).resolve().parents[1]
 # modules of methods/ and baselines/ that are infrastructure, not methods
-NOT_METHODS = {"methods", "methods.base", "methods.lora_ops", "baselines"}
+NOT_METHODS = {"methods", "methods.base", "benchmark.lora_ops", "baselines"}
 
 
 def _model(seed: int = 0) -> MultiTaskModel:
@@ -137,18 +137,19 @@ def _method_modules() -> list[str]:
 def test_every_method_module_registers_a_name(module: str) -> None:
     registered = {METHODS.get(n).apply.__module__ for n in METHODS.names()}
     assert module in registered, (
-        f"{module} registers no method: give it a @register_method apply, and import it in methods/__init__.py"
+        f"{module} registers no method: give it a @register_method apply, and list it in benchmark.method_api.PLUGINS"
     )
 
 
-def test_importing_the_package_alone_registers_every_module() -> None:
-    """A fresh ``import methods`` (as the CLI does) must fill the registry: catches a forgotten import line."""
+def test_reading_the_registry_registers_every_module() -> None:
+    """A fresh process reading the core's registry (as the CLI does) registers every plug-in module: catches a
+    module missing from ``benchmark.method_api.PLUGINS``."""
     code = (
-        "import json, methods; "
-        "print(json.dumps(sorted({methods.METHODS.get(n).apply.__module__ for n in methods.METHODS.names()})))"
+        "import json; from benchmark.method_api import METHODS; "
+        "print(json.dumps(sorted({METHODS.get(n).apply.__module__ for n in METHODS.names()})))"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     registered = set(json.loads(done.stdout.strip().splitlines()[-1]))
     missing = [m for m in _method_modules() if m not in registered]
-    assert not missing, f"modules whose methods a plain `import methods` does not register: {missing}"
+    assert not missing, f"modules whose methods the core's registry does not register: {missing}"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmark.lean_fixtures import LeanError, lean_model_fixture, resize_heads
+from benchmark.method_api import METHODS
 from benchmark.model import MultiTaskModel, SwinBackbone, SwinConfig, model_config_for
 from benchmark.official import (
     CheckpointError,
@@ -21,7 +22,6 @@ from benchmark.official import (
     to_official_state_dict,
 )
 from benchmark.official_train import parity_checks as train_parity_checks
-from methods import METHODS
 from methods.mtlora import MTLoRAPlusConfig
 
 

@@ -8,8 +8,7 @@ import json
 import pytest
 
 from baselines.lora import LoRAConfig
-from methods import METHODS, register_method
-from methods.base import MethodConfig, apply_overrides
+from benchmark.method_api import METHODS, MethodConfig, apply_overrides, register_method
 
 
 def test_unknown_method_lists_known_ones_and_the_closest() -> None:
@@ -89,8 +88,7 @@ def test_every_config_field_is_settable_from_text(name: str) -> None:
 
 
 def test_alias_and_single_value_for_a_per_stage_tuple():
-    from methods import METHODS
-    from methods.base import apply_overrides
+    from benchmark.method_api import METHODS, apply_overrides
 
     mt = METHODS.get("mtlora")
     assert apply_overrides(mt.default_config(), ["rank=16"]).shared_rank == (16, 16, 16, 16)
