@@ -115,17 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _env_info(device: str) -> dict[str, Any]:
-    import mmengine
     import peft
     import timm
     import torch
+
+    from benchmark.engine import MMENGINE_VERSION
 
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
         "peft": peft.__version__,
-        "mmengine": mmengine.__version__,
+        "mmengine": MMENGINE_VERSION,
         "device": device,
         "host_cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count() or 0,
@@ -223,58 +224,6 @@ def _resolve_device(choice: str) -> str:
 # --------------------------------------------------------------------------- the run
 
 
-def build_net(
-    spec: Any, method_cfg: Any, model_cfg: Any, pretrained: Path | None, activation_checkpointing: str | None = None
-) -> Any:
-    """Build the multi-task model, load pretrained Swin weights, then apply the method."""
-    from benchmark.model import MultiTaskModel
-
-    net = MultiTaskModel(model_cfg)
-    if pretrained is not None:
-        from benchmark.official import load_pretrained_backbone
-
-        report = load_pretrained_backbone(net.backbone, pretrained)
-        print(f"pretrained: {report}", file=sys.stderr)
-    net = spec.apply(net, method_cfg)
-    if activation_checkpointing is not None:
-        enable_activation_checkpointing(net, spec.name, activation_checkpointing, len(model_cfg.backbone.depths))
-    return net
-
-
-def enable_activation_checkpointing(net: Any, method: str, stages: str = "all", n_stages: int = 4) -> int:
-    """Switch on the recomputation of block activations (``stages``: 'all', 'none' or 1-based stage numbers)
-    where the method's backbone offers it (``methods.mtlora.MTLoRABackbone``); a UsageError where it does not
-    ('none' is accepted for every method)."""
-    from methods.mtlora import set_activation_checkpointing
-
-    value = checkpoint_stages(stages, n_stages)
-    if not value:
-        return 0  # 'none': nothing to switch on, whatever the method
-    n = set_activation_checkpointing(net, value)
-    if not n:
-        raise UsageError(f"--activation-checkpointing: {_no_checkpointing(method)}")
-    return n
-
-
-def checkpoint_stages(stages: str | None, n_stages: int) -> bool | frozenset[int]:
-    """``--activation-checkpointing`` parsed (False when absent); a bad value is a UsageError."""
-    from methods.mtlora import parse_checkpoint_stages
-
-    if stages is None:
-        return False
-    try:
-        return parse_checkpoint_stages(stages, n_stages)
-    except ValueError as e:
-        raise UsageError(f"--activation-checkpointing: {e}") from None
-
-
-def _no_checkpointing(method: str) -> str:
-    return (
-        f"method {method!r} has no checkpointing backbone; it is available for the MTLoRA methods "
-        "(mtlora, mtlora_plus)"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -368,6 +317,7 @@ def _main(args: argparse.Namespace) -> int:
     validate_args(args)
 
     from benchmark import sweep
+    from benchmark.build import check_checkpointing, checkpoint_stages
     from benchmark.method_api import METHODS, apply_overrides
     from benchmark.presets import PRESETS, resolve
     from benchmark.protocol import get_protocol
@@ -386,13 +336,9 @@ def _main(args: argparse.Namespace) -> int:
         return _dry_run_all(args, configs, settings, protocol)
     if args.executor or args.sweep_dry_run or len(grid) > 1:
         model_cfg = _model_config(settings, protocol)  # fails here on a bad --image-size, not in every job
-        if checkpoint_stages(args.activation_checkpointing, len(model_cfg.backbone.depths)):
-            from methods.mtlora import MTLoRAConfig
-
-            # checked here: every job would otherwise start and the other methods' jobs fail one by one
-            for method in dict.fromkeys(p.method for p in grid):
-                if not isinstance(METHODS.get(method).default_config(), MTLoRAConfig):
-                    raise UsageError(f"--activation-checkpointing: {_no_checkpointing(method)}")
+        stages = checkpoint_stages(args.activation_checkpointing, len(model_cfg.backbone.depths))
+        for method in dict.fromkeys(p.method for p in grid):  # here: every job would otherwise fail one by one
+            check_checkpointing(METHODS.get(method), stages)
         if args.eval_only or args.checkpoint is not None:
             raise UsageError("--eval-only / --checkpoint evaluate one checkpoint: give one method, config and seed")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -478,6 +424,7 @@ def _single(args: argparse.Namespace, spec: Any, method_cfg: Any, settings: Any,
 
 
 def _dry_run(args, spec, method_cfg, model_cfg, settings, protocol) -> dict[str, Any]:
+    from benchmark.build import build_net
     from benchmark.params import count_parameters
 
     # a --pretrained file and --activation-checkpointing are checked here too
@@ -550,9 +497,8 @@ def _barrier() -> None:
 
 
 def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_dir, device, rank, world) -> int:
-    from mmengine.runner import set_random_seed
-
     from benchmark import engine, workdir
+    from benchmark.build import build_net, checkpoint_stages
     from benchmark.dataset import PascalMT, build_transforms, collate
     from benchmark.losses import MultiTaskLoss
     from benchmark.metrics import build_meters
@@ -590,7 +536,7 @@ def _run_one(args, spec, method_cfg, model_cfg, settings, protocol, seed, work_d
             data_root, protocol.train_split, tasks, build_transforms(settings.image_size, train=True, seed=seed)
         )
 
-    set_random_seed(seed)  # same initialisation of new (LoRA, decoder) weights on every rank
+    engine.set_random_seed(seed)  # same initialisation of new (LoRA, decoder) weights on every rank
     net = build_net(spec, method_cfg, model_cfg, args.pretrained, args.activation_checkpointing).to(device)
     params = count_parameters(net, spec.adapter_markers)
     loss_fn = MultiTaskLoss(protocol.tasks)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mmengine
 import numpy as np
 import torch
 from mmengine.dist import get_dist_info
@@ -40,14 +41,18 @@ from mmengine.model import BaseModel
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.optim.scheduler.lr_scheduler import LRSchedulerMixin
 from mmengine.optim.scheduler.param_scheduler import _ParamScheduler
-from mmengine.runner import Runner
+from mmengine.runner import Runner, set_random_seed  # noqa: F401  (the CLI seeds through here)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from benchmark.method_api import MergeForEval
 from benchmark.metrics import per_image_blob, results_delta_m
+from benchmark.peft_tools import merge_for_eval
 from benchmark.protocol import Protocol
 from benchmark.results import atomic_write_bytes
 from benchmark.safeload import CheckpointError, safe_load  # one error type for every checkpoint problem
+
+MMENGINE_VERSION: str = mmengine.__version__  # for the run record (mmengine is imported here only)
 
 CKPT_FORMAT = "mtpeft-checkpoint"
 CKPT_VERSION = 1
@@ -435,20 +440,20 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 class MergeForEvalHook(Hook):
-    """Validate with LoRA-family updates folded into the frozen weights (``benchmark.peft_tools.merge_for_eval``);
-    the exact weights are restored before anything else (checkpointing) sees the model again."""
+    """Validate with the method's updates folded into the frozen weights (``merge``: the method's
+    ``MethodSpec.merge_for_eval``, by default the generic ``benchmark.peft_tools.merge_for_eval``); the exact
+    weights are restored before anything else (checkpointing) sees the model again."""
 
     priority = "HIGH"  # after_val_epoch: unmerge before BenchmarkHook (LOW) saves a checkpoint
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, merge: MergeForEval = merge_for_eval) -> None:
         self.net = net
+        self.merge = merge
         self._stack: contextlib.ExitStack | None = None
 
     def before_val_epoch(self, runner: Runner) -> None:
-        from benchmark.peft_tools import merge_for_eval
-
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(merge_for_eval(self.net))
+        self._stack.enter_context(self.merge(self.net))
 
     def after_val_epoch(self, runner: Runner, metrics: dict[str, float] | None = None) -> None:
         if self._stack is not None:
@@ -687,6 +692,13 @@ class WarmupCosineLR(LRSchedulerMixin, _ParamScheduler):
                 setattr(self, key, state_dict[key])
 
 
+def last_grad_norm() -> float:
+    """The gradient norm the last optimiser step logged (``train/grad_norm`` in mmengine's message hub)."""
+    from mmengine.logging import MessageHub
+
+    return float(MessageHub.get_current_instance().get_scalar("train/grad_norm").current())
+
+
 def build_optim_wrapper(
     net: nn.Module,
     peak_lr: float,
@@ -733,6 +745,8 @@ class EngineSetup:
     log_interval: int = 10
     meta: dict[str, Any] = field(default_factory=dict)
     collate_fn: Any = None
+    # evaluation with merged adapters: the method's ``MethodSpec.merge_for_eval`` (the generic merge by default)
+    merge: MergeForEval = merge_for_eval
     # one entry per validation run by this process (rank 0), in the order of the history entries it appends
     per_image: list[bytes] = field(default_factory=list)
 
@@ -859,7 +873,7 @@ def train(s: EngineSetup) -> EngineOutcome:
             train_cfg=dict(by_epoch=True, max_epochs=s.epochs, val_interval=s.val_interval),
             optim_wrapper=optim_wrapper,
             param_scheduler=s.schedule.schedulers(optim_wrapper),
-            custom_hooks=[hook, MergeForEvalHook(s.net)],
+            custom_hooks=[hook, MergeForEvalHook(s.net, s.merge)],
             **kw,
         )
     t0 = time.perf_counter()
@@ -891,7 +905,7 @@ def evaluate(s: EngineSetup) -> EngineOutcome:
     model = EngineModel(s.net, s.loss_fn)
     kw = _runner_common(s, model)
     with runner_device(s.device):
-        runner = Runner(custom_hooks=[MergeForEvalHook(s.net)], **kw)
+        runner = Runner(custom_hooks=[MergeForEvalHook(s.net, s.merge)], **kw)
     t0 = time.perf_counter()
     try:
         flat = runner.val()

@@ -290,7 +290,7 @@ def state_bytes(net, optimizer_moments: int = 2) -> int:
 
 
 def build(method: str, preset: str):
-    from benchmark.cli import build_net
+    from benchmark.build import build_net
     from benchmark.method_api import METHODS
     from benchmark.model import model_config_for
     from benchmark.presets import PRESETS, resolve
