@@ -398,11 +398,11 @@ def _single(args: argparse.Namespace, spec: Any, method_cfg: Any, settings: Any,
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: file not found")
     # read before any folder is made: an unreadable or refused file leaves nothing behind
-    from benchmark.official import load_checkpoint_file
+    from benchmark.checkpoints import read_weights
 
     if args.pretrained is not None:
-        load_checkpoint_file(args.pretrained)
-    args.checkpoint_data = None if args.checkpoint is None else load_checkpoint_file(args.checkpoint)
+        read_weights(args.pretrained)
+    args.checkpoint_data = None if args.checkpoint is None else read_weights(args.checkpoint)
     if args.data is not None and not args.data.is_dir():
         raise FileNotFoundError(f"--data {args.data}: dataset folder not found")
     if args.data is None and not settings.synthetic_train:
@@ -699,10 +699,10 @@ def _select(history: list[dict[str, Any]], rule: str) -> tuple[dict[str, Any], d
 
 def _load_for_eval(net: Any, path: Path, spec: Any, meta: dict[str, Any] | None = None, data: Any = None) -> None:
     from benchmark import engine
-    from benchmark.official import load_checkpoint_file
+    from benchmark.checkpoints import read_weights
 
     # weights-only first; official checkpoints also pickle their yacs config, read as plain data (safeload)
-    ckpt = load_checkpoint_file(path) if data is None else data  # data: the file already read by _single
+    ckpt = read_weights(path) if data is None else data  # data: the file already read by _single
     if not isinstance(ckpt, dict):
         raise engine.CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     if engine.is_own_checkpoint(ckpt):

@@ -33,6 +33,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from benchmark.checkpoints import (  # noqa: F401  (required_state_keys, refuse_incomplete: re-exported)
+    STRUCTURAL_BUFFERS,
+    read_weights,
+    refuse_incomplete,
+    required_state_keys,
+)
 from benchmark.method_api import METHODS
 from benchmark.model import ModelConfig, MultiTaskModel, SwinConfig
 from benchmark.params import count_parameters
@@ -98,28 +104,6 @@ class LoadReport:
 # --------------------------------------------------------------------------- reading checkpoint files
 
 
-def load_checkpoint_file(path: str | Path) -> Any:
-    """``torch.load`` without running code from the file (``benchmark.safeload``: weights-only, then the
-    allow-list of an official checkpoint, whose yacs config is read as plain data)."""
-    return safe_load(path, "checkpoint")
-
-
-def required_state_keys(model: nn.Module) -> set[str]:
-    """What a checkpoint must give for evaluation: every trained parameter and every buffer in the state dict,
-    except the structural ones the model recomputes (relative position indices, attention masks)."""
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    buffers = {n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] not in _DROP}
-    return (trained | buffers) & set(model.state_dict())
-
-
-def refuse_incomplete(source: str, missing: set[str] | list[str], what: str) -> None:
-    """A CheckpointError listing what ``source`` leaves unset, when anything is."""
-    if missing:
-        names = sorted(missing)
-        shown = ", ".join(names[:8]) + (f" ... (+{len(names) - 8} more)" if len(names) > 8 else "")
-        raise CheckpointError(f"{source}: {len(names)} {what} missing from the file: {shown}")
-
-
 def _state_dict_of(obj: Any, source: str) -> dict[str, Tensor]:
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
@@ -137,7 +121,7 @@ def _state_dict_of(obj: Any, source: str) -> dict[str, Tensor]:
 
 # --------------------------------------------------------------------------- official -> local keys
 
-_DROP = ("relative_position_index", "attn_mask")
+_DROP = STRUCTURAL_BUFFERS
 
 
 def official_to_local_key(key: str) -> str | None:
@@ -195,7 +179,7 @@ def load_official_state_dict(
     Raises ``CheckpointError`` when shapes disagree or nothing matches (another architecture).
     """
     source = source or (str(state_dict) if isinstance(state_dict, (str, Path)) else "state dict")
-    raw = load_checkpoint_file(state_dict) if isinstance(state_dict, (str, Path)) else state_dict
+    raw = read_weights(state_dict) if isinstance(state_dict, (str, Path)) else state_dict
     sd = _state_dict_of(raw, source)
     own = model.state_dict()
     report = LoadReport()
@@ -238,7 +222,7 @@ def load_pretrained_backbone(backbone: nn.Module, path: str | Path) -> LoadRepor
     swin = getattr(backbone, "swin", None)
     if swin is None:
         raise ValueError(f"load_pretrained_backbone: {type(backbone).__name__} has no timm 'swin' module")
-    sd = _state_dict_of(load_checkpoint_file(path), str(path))
+    sd = _state_dict_of(read_weights(path), str(path))
     sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
     report = LoadReport()
     # buffers timm recomputes, and the classifier / final norm the official backbone does not have

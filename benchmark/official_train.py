@@ -211,7 +211,7 @@ def _train(
     wrapper = engine.build_optim_wrapper(
         net, schedule.peak_lr, float(st["weight_decay"]), betas, float(st["eps"]), float(st["clip_grad"])
     )
-    schedulers = schedule.schedulers(wrapper)
+    schedulers = engine.lr_schedulers(schedule, wrapper)
     model = engine.EngineModel(net, loss_fn)
     trainable = [p for p in net.parameters() if p.requires_grad]
     traj = []

@@ -264,7 +264,7 @@ def test_kill_after_a_checkpoint_then_resume_ends_with_the_metrics_of_the_uninte
     assert q.returncode == 0, q.stderr[-3000:]
     log = q.stdout + q.stderr
     assert "resumed from" in log and "epoch_1.pth" in log
-    ckpt = engine.load_checkpoint_file(wd / "checkpoints" / "epoch_2.pth")
+    ckpt = engine.read_checkpoint(wd / "checkpoints" / "epoch_2.pth")
     if device == "cuda":  # the AMP loss scaler travels in the checkpoint (weights_only load)
         assert ckpt["optimizer"]["loss_scaler"]["scale"] > 0
     result = json.loads((wd / "result.json").read_text())
@@ -345,7 +345,8 @@ def evaluate_checkpoint(ckpt: Path | None, data: Path, device: str, work_dir: Pa
     of ``ckpt`` on ``device``, in fp32 as every evaluation; returns (metrics, the recording meters)."""
     from mmengine.runner import set_random_seed
 
-    from benchmark.cli import _load_for_eval, _model_config, build_net
+    from benchmark.build import build_net
+    from benchmark.cli import _load_for_eval, _model_config
     from benchmark.dataset import PascalMT, build_transforms, collate
     from benchmark.metrics import build_meters
     from benchmark.presets import PRESETS, resolve

@@ -14,7 +14,8 @@ from mmengine.runner import set_random_seed
 
 import benchmark.parity as parity
 from benchmark import workdir
-from benchmark.cli import _model_config, build_net, main
+from benchmark.build import build_net
+from benchmark.cli import _model_config, main
 from benchmark.method_api import METHODS
 from benchmark.official import to_official_state_dict
 from benchmark.presets import PRESETS, resolve

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from mmengine.runner import set_random_seed
 
 from benchmark import engine
-from benchmark.cli import SEED_MAX, _model_config, build_net, layer_widths, main
+from benchmark.build import build_net
+from benchmark.cli import SEED_MAX, _model_config, layer_widths, main
 from benchmark.method_api import METHODS
 from benchmark.presets import PRESETS, resolve
 from benchmark.protocol import PASCAL_CONTEXT

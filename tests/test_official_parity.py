@@ -108,7 +108,7 @@ def test_the_official_lr_lag_is_what_the_fixture_recorded(fixture_dir: Path) -> 
     departure (docs/protocol.md), and without the option the recorded rates are not reproduced."""
     from dataclasses import replace
 
-    from benchmark.engine import make_schedule
+    from benchmark.optim import make_schedule
     from benchmark.protocol import PASCAL_CONTEXT
 
     st = torch.load(fixture_dir / "train_public.pt", weights_only=True)["settings"]

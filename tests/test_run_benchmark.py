@@ -143,9 +143,9 @@ def test_nan_loss_stops_with_status_failed_and_keeps_the_checkpoint(tmp_path):
     assert r["status"] == "failed" and any("iteration 5" in n for n in r["notes"])
     ckpts = sorted(x.name for x in (wd / "checkpoints").iterdir())
     assert ckpts == ["epoch_1.pth"]
-    from benchmark.engine import load_checkpoint_file
+    from benchmark.checkpoints import read_checkpoint
 
-    assert load_checkpoint_file(wd / "checkpoints" / "epoch_1.pth")["epoch"] == 1
+    assert read_checkpoint(wd / "checkpoints" / "epoch_1.pth")["epoch"] == 1
 
 
 def test_dry_run_json_gives_the_official_full_ft_count():
