@@ -127,6 +127,7 @@ def inject(model: nn.Module, cfg: LoRAConfig, fast: bool = True) -> nn.Module:
     configuration="rank 16, alpha 64, dropout 0.05 on qkv/proj/fc1/fc2, one LoRA shared by all tasks: this "
     "harness's choice; per-task LoRA: per_task=true",
     reproduces="none: MTLoRA Table 1 prints 2.87 M for LoRA, configuration unknown (not reproduced)",
+    variants={"peft_reference": lambda model, cfg: inject(model, cfg, fast=False)},  # peft's own layers (perf)
 )
 def apply(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     return inject(model, cfg, fast=True)

@@ -23,7 +23,8 @@ from benchmark.lora_ops import choose_form, drop_positions, fast_dropout, lora_l
 from benchmark.method_api import METHODS, apply_overrides
 from benchmark.model import MultiTaskModel, model_config_for
 from benchmark.peft_tools import merge_for_eval
-from methods.mtlora import MTLoRALinear, parse_checkpoint_stages
+from benchmark.method_api import parse_checkpoint_stages
+from methods.mtlora import MTLoRALinear
 
 TASKS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3}
 
