@@ -36,12 +36,12 @@ from timm.layers import DropPath
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor, nn
 
+from benchmark.backbones import FAMILIES, Features, SwinBackbone
 from benchmark.lora_ops import fast_dropout, lora_linear
 from benchmark.method_api import MethodConfig, OfficialSupport, register_method
-from benchmark.model import Features, SwinBackbone
 from benchmark.peft_tools import freeze, unfreeze_matching
 
-SHARED_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+SHARED_TARGETS = FAMILIES.get("swin").lora_targets  # the Swin linears LoRA adapts: attn.qkv/proj, mlp.fc1/fc2
 TASK_TARGETS = ("attn.proj", "mlp.fc1", "mlp.fc2")  # qkv is never task-specific in MTLoRA
 PATCH_MERGING_MODES = ("full", "lora", "frozen")
 
@@ -727,7 +727,7 @@ def _apply(model: nn.Module, cfg: MTLoRAConfig) -> nn.Module:
     if isinstance(base, MTLoRABackbone):
         raise ValueError("MTLoRA is already applied to this model")
     if not isinstance(base, SwinBackbone):
-        raise ValueError(f"MTLoRA needs a benchmark.model.SwinBackbone, got {type(base).__name__}")
+        raise ValueError(f"MTLoRA needs a benchmark.backbones.SwinBackbone, got {type(base).__name__}")
     depths = [len(layer.blocks) for layer in base.layers]
     cfg.validate_for_backbone(depths)
     task_blocks = cfg.stage_task_blocks(depths)

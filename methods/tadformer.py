@@ -66,8 +66,8 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor, nn
 
+from benchmark.backbones import Features, SwinBackbone
 from benchmark.method_api import MethodConfig, OfficialSupport, register_method
-from benchmark.model import Features, SwinBackbone
 from benchmark.peft_tools import freeze, unfreeze_matching
 from methods.mtlora import (
     SHARED_TARGETS,
@@ -456,7 +456,7 @@ def _apply(model: nn.Module, cfg: TADFormerConfig) -> nn.Module:
     if isinstance(base, TADFormerBackbone):
         raise ValueError("TADFormer is already applied to this model")
     if not isinstance(base, SwinBackbone):
-        raise ValueError(f"TADFormer needs a benchmark.model.SwinBackbone, got {type(base).__name__}")
+        raise ValueError(f"TADFormer needs a benchmark.backbones.SwinBackbone, got {type(base).__name__}")
     layers = base.layers
     depths = [len(layer.blocks) for layer in layers]
     cfg.validate_for_backbone(depths)
