@@ -3,7 +3,8 @@
 - ``load_official_state_dict``: an official ``MultiTaskSwin`` state dict (scale-lab/MTLoRA) onto this
   project's model (key naming: tests/fixtures/README.md, docs/protocol.md 8);
 - ``load_pretrained_backbone``: ImageNet Swin weights (timm or original Microsoft release format);
-- ``build_from_fixture_config``: this implementation built from a parity fixture's ``config`` dict;
+- ``build_from_fixture_config``: this implementation built from a parity fixture's ``config`` dict (the method
+  part through the registry entry that claims the fixture, ``MethodSpec.official``: no method is imported here);
 - ``parity_checks``: a ``model_*.pt`` fixture (and its ``model_*_grad.pt`` companion) against this code.
 
 Official -> local key mapping:
