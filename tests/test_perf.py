@@ -20,10 +20,9 @@ import methods.mtlora as mtlora_mod
 from baselines.lora import FastLoraLinear, LoRAConfig, inject, peft_config, set_lora_form
 from benchmark import perf
 from benchmark.lora_ops import choose_form, drop_positions, fast_dropout, lora_linear, record_forms
-from benchmark.method_api import METHODS, apply_overrides
+from benchmark.method_api import METHODS, apply_overrides, parse_checkpoint_stages
 from benchmark.model import MultiTaskModel, model_config_for
 from benchmark.peft_tools import merge_for_eval
-from benchmark.method_api import parse_checkpoint_stages
 from methods.mtlora import MTLoRALinear
 
 TASKS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3}

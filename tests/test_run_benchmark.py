@@ -177,7 +177,7 @@ def test_list_shows_methods_with_fields():
         (["--method", "full_ft", "--image-size", "100", "--dry-run"], "image size 100"),
         (["--method", "full_ft", "--eval-only", "--preset", "tiny"], "--eval-only needs --checkpoint"),
         (["--method", "full_ft", "--preset", "huge"], "unknown preset 'huge'"),
-        (["--method", "lora", "--activation-checkpointing", "--dry-run"], "available for the methods mtlora, mtlora_plus"),
+        (["--method", "lora", "--activation-checkpointing", "--dry-run"], "for the methods mtlora, mtlora_plus"),
         (["--method", "mtlora", "--activation-checkpointing", "5", "--dry-run"], "stage numbers 1-4"),
     ],
 )
