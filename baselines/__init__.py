@@ -1,1 +1,1 @@
-"""The PEFT baselines, one file each; they register themselves in ``methods.METHODS`` on import."""
+"""The PEFT baselines, one file each: a plug-in package of the method registry (``benchmark.method_api.PLUGINS``)."""

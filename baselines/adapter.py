@@ -6,7 +6,7 @@ starts exactly equal to the frozen one. Everything else in the backbone is froze
 decoders train.
 
 Defaults are MTLoRA's Table 1 row (copied from Polyhistor): bottleneck ``C / 4`` (``reduction=4``), each task its
-own adapters (``per_task``: the backbone runs once per task, ``methods.base.PerTaskBackbone``), plus one set of
+own adapters (``per_task``: the backbone runs once per task, ``benchmark.peft_tools.PerTaskBackbone``), plus one set of
 trainable relative-position tables shared by all tasks (``train_tables``), LayerNorms frozen. ``vl_adapter``
 (VL-Adapter, Sung et al., CVPR 2022, as Table 1 uses it) is the same with one set of adapters shared by all tasks.
 The LayerNorm training of Houlsby et al. is ``train_norms=true``; the harness's earlier default was
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import Tensor, nn
 
-from methods.base import MethodConfig, freeze, register_method, tune_per_task
+from benchmark.method_api import MethodConfig, register_method
+from benchmark.peft_tools import freeze, tune_per_task
 
 
 @dataclass(frozen=True)

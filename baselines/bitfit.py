@@ -6,7 +6,7 @@ patch-merging reductions stay frozen. Nothing is added to the model.
 
 MTLoRA's Table 1 row (copied from Polyhistor) trains every parameter whose name contains ``bias``, which in the
 official Swin includes the relative-position-bias tables (74,778 per task at Swin-T), and gives each task its own
-copy (``per_task``: the backbone runs once per task, ``methods.base.PerTaskBackbone``). Those are the defaults;
+copy (``per_task``: the backbone runs once per task, ``benchmark.peft_tools.PerTaskBackbone``). Those are the defaults;
 ``tables=false`` keeps the tables frozen (the bias vectors only) and ``per_task=false`` shares one copy.
 """
 
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from methods.base import MethodConfig, freeze, register_method, tune_per_task
+from benchmark.method_api import MethodConfig, register_method
+from benchmark.peft_tools import freeze, tune_per_task
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from methods.base import MethodConfig, freeze, register_method
+from benchmark.method_api import MethodConfig, register_method
+from benchmark.peft_tools import freeze
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from methods.base import MethodConfig, register_method
+from benchmark.method_api import MethodConfig, register_method
 
 
 @dataclass(frozen=True)

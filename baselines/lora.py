@@ -9,14 +9,14 @@ matrices and the decoders train; unlike MTLoRA, norms, biases and relative-posit
 peft builds the layers through its custom-module hook (``LoraConfig._register_custom_module``) as
 :class:`FastLoraLinear`: peft's own ``lora.Linear`` (same parameters ``lora_A.default.weight`` /
 ``lora_B.default.weight``, same merge/unmerge, state dicts and adapter API) whose forward computes the same
-function in the cheapest exact form for the layer (``methods.lora_ops``): without LoRA dropout the materialised
+function in the cheapest exact form for the layer (``benchmark.lora_ops``): without LoRA dropout the materialised
 weight ``W + s B A`` at Swin-T's narrow first stages, a hybrid (materialised forward, low-rank factor gradients)
 in the wide ones; with dropout the factored form, with a faster dropout mask on the CPU. Anything the fast path
 does not cover (several active adapters, merged or disabled adapters, DoRA and other variants, LoRA bias,
 fan-in-fan-out weights) falls back to peft's forward.
 
 ``per_task=true`` gives each task its own LoRA matrices on the shared frozen backbone (the backbone runs once per
-task, ``methods.base.PerTaskBackbone``; no merge for evaluation then). The default stays one shared LoRA at rank 16:
+task, ``benchmark.peft_tools.PerTaskBackbone``; no merge for evaluation then). The default stays one shared LoRA at rank 16:
 MTLoRA's Table 1 prints 2.87 M for its LoRA row, a count no configuration of this harness was found to reproduce
 (its configuration is unknown).
 """
@@ -31,8 +31,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import Tensor, nn
 
-from methods.base import MethodConfig, freeze, register_method, tune_per_task
-from methods.lora_ops import FORMS, lora_linear, single_plain_adapter
+from benchmark.lora_ops import FORMS, lora_linear, single_plain_adapter
+from benchmark.method_api import MethodConfig, register_method
+from benchmark.peft_tools import freeze, tune_per_task
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class LoRAConfig(MethodConfig):
 class FastLoraLinear(PeftLoraLinear):
     """peft's LoRA ``Linear`` with a faster forward for the plain single-adapter case (module docstring)."""
 
-    form: str = "auto"  # one of methods.lora_ops.FORMS; "auto" picks per call from width, rank and tokens
+    form: str = "auto"  # one of benchmark.lora_ops.FORMS; "auto" picks per call from width, rank and tokens
 
     def _fast_adapter(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         """The adapter the fast path computes, or None when peft's forward must run."""
@@ -85,7 +86,7 @@ class FastLoraLinear(PeftLoraLinear):
 
 
 def set_lora_form(module: nn.Module, form: str) -> int:
-    """Force one form (``methods.lora_ops.FORMS``) on every FastLoraLinear in ``module``; returns how many."""
+    """Force one form (``benchmark.lora_ops.FORMS``) on every FastLoraLinear in ``module``; returns how many."""
     if form not in FORMS:
         raise ValueError(f"unknown LoRA form {form!r}; choose from {list(FORMS)}")
     layers = [m for m in module.modules() if isinstance(m, FastLoraLinear)]
@@ -126,6 +127,7 @@ def inject(model: nn.Module, cfg: LoRAConfig, fast: bool = True) -> nn.Module:
     configuration="rank 16, alpha 64, dropout 0.05 on qkv/proj/fc1/fc2, one LoRA shared by all tasks: this "
     "harness's choice; per-task LoRA: per_task=true",
     reproduces="none: MTLoRA Table 1 prints 2.87 M for LoRA, configuration unknown (not reproduced)",
+    variants={"peft_reference": lambda model, cfg: inject(model, cfg, fast=False)},  # peft's own layers (perf)
 )
 def apply(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     return inject(model, cfg, fast=True)

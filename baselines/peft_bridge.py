@@ -41,8 +41,9 @@ from peft.tuners.lokr.layer import Linear as PeftLoKrLinear
 from peft.tuners.vera.layer import Linear as PeftVeraLinear
 from torch import Tensor, nn
 
-from methods.base import MethodConfig, freeze, register_method, tune_per_task
-from methods.lora_ops import single_plain_adapter
+from benchmark.lora_ops import single_plain_adapter
+from benchmark.method_api import MethodConfig, register_method
+from benchmark.peft_tools import freeze, tune_per_task
 
 TARGETS = ("qkv", "attn.proj", "fc1", "fc2")
 

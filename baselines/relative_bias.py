@@ -3,7 +3,7 @@
 Every window attention keeps a ``(2W-1)^2 x heads`` table of learned biases added to its attention logits; this
 baseline trains those tables (23,322 parameters in Swin-T, docs/protocol.md 3.6) plus the decoders. Nothing is added.
 As in MTLoRA's Table 1 (copied from Polyhistor), each task gets its own copy of the tables by default
-(``per_task``: the backbone runs once per task, ``methods.base.PerTaskBackbone``); ``per_task=false`` trains one
+(``per_task``: the backbone runs once per task, ``benchmark.peft_tools.PerTaskBackbone``); ``per_task=false`` trains one
 set shared by all tasks.
 """
 
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from methods.base import MethodConfig, freeze, register_method, tune_per_task, unfreeze_matching
+from benchmark.method_api import MethodConfig, register_method
+from benchmark.peft_tools import freeze, tune_per_task, unfreeze_matching
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from benchmark.model import Features
-from methods.base import MethodConfig, register_method
+from benchmark.backbones import Features
+from benchmark.method_api import MethodConfig, register_method
 
 
 @dataclass(frozen=True)

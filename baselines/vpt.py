@@ -18,7 +18,7 @@ since our prompts never propagate, that is the only block they reach); ``vpt_dee
 prompts. The backbone stays frozen; prompts and decoders train. Parameter names end in ``attn.prompt``.
 
 Defaults are MTLoRA's Table 1 rows (copied from Polyhistor): 50 prompt tokens, and each task its own prompts
-(``per_task``: the backbone runs once per task, ``methods.base.PerTaskBackbone``). 50 is the only token count whose
+(``per_task``: the backbone runs once per task, ``benchmark.peft_tools.PerTaskBackbone``). 50 is the only token count whose
 parameter count lands on the printed 2.57 M (shallow) and 3.43 M (deep) with the Table 1 decoder base. One set of
 prompts shared by all tasks is ``per_task=false``.
 """
@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import WindowAttention
 from torch import Tensor, nn
 
-from methods.base import MethodConfig, freeze, register_method, tune_per_task
+from benchmark.method_api import MethodConfig, register_method
+from benchmark.peft_tools import freeze, tune_per_task
 
 
 @dataclass(frozen=True)

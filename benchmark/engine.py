@@ -17,8 +17,6 @@ MMEngine's ``Runner`` does the loop, hooks, logging, LR schedule, AMP and DDP wr
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import logging
 import math
 import os
@@ -30,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mmengine
 import numpy as np
 import torch
 from mmengine.dist import get_dist_info
@@ -44,16 +43,29 @@ from mmengine.runner import Runner, set_random_seed  # noqa: F401  (set_random_s
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from benchmark.checkpoints import (  # noqa: F401  (re-exported: the run's checkpoint names)
+    CKPT_FORMAT,
+    CKPT_PATTERN,
+    CKPT_VERSION,
+    RESUME_KEYS,
+    ResumeMismatchError,
+    check_resume_settings,
+    frozen_fingerprint,
+    is_own_checkpoint,
+    list_checkpoints,
+    load_model_state,
+    read_checkpoint,
+    save_checkpoint,
+    trainable_state,
+)
+from benchmark.method_api import MergeForEval
 from benchmark.metrics import per_image_blob, results_delta_m
+from benchmark.optim import Schedule, make_schedule, param_groups, steps_per_epoch  # noqa: F401  (re-exported)
+from benchmark.peft_tools import merge_for_eval
 from benchmark.protocol import Protocol
-from benchmark.results import atomic_write_bytes
-from benchmark.safeload import CheckpointError, safe_load  # one error type for every checkpoint problem
+from benchmark.safeload import CheckpointError  # one error type for every checkpoint problem
 
-CKPT_FORMAT = "mtpeft-checkpoint"
-CKPT_VERSION = 1
-CKPT_PATTERN = re.compile(r"^epoch_(\d+)\.pth$")
-# meta fields that must match for --resume to continue a checkpoint (the rest of the meta is informative)
-RESUME_KEYS = ("run_id", "protocol", "backbone", "image_size", "seed", "preset", "epochs", "batch_size")
+MMENGINE_VERSION: str = mmengine.__version__  # for the run record (mmengine is imported here only)
 
 # Fault injection for the test-suite only (tests/test_run_benchmark.py, tests/test_faults.py). Read at the
 # moment of use, inert unless set; iterations are global and 0-based.
@@ -74,10 +86,6 @@ def _fault_at(name: str, iteration: int) -> bool:
 
 class NonFiniteLossError(RuntimeError):
     """Raised before the optimizer step when the loss is NaN or infinite."""
-
-
-class ResumeMismatchError(ValueError):
-    """--resume found a checkpoint of a different run (settings differ): never silently continue or discard it."""
 
 
 class RunAborted(RuntimeError):
@@ -320,23 +328,6 @@ def _translate_failure(err: BaseException, datasets: Sequence[Any]) -> BaseExcep
 # --------------------------------------------------------------------------- checkpoints
 
 
-def trainable_state(net: nn.Module) -> dict[str, Tensor]:
-    """Trainable parameters plus every buffer (BatchNorm statistics): all a resume needs."""
-    keep = {n for n, p in net.named_parameters() if p.requires_grad}
-    keep |= {n for n, _ in net.named_buffers()}
-    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k in keep}
-
-
-def frozen_fingerprint(net: nn.Module) -> str:
-    """sha256 over the frozen parameters: a checkpoint only fits the model it was trained from."""
-    h = hashlib.sha256()
-    for n, p in sorted(net.named_parameters()):
-        if not p.requires_grad:
-            h.update(n.encode())
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     np_state = np.random.get_state()
@@ -355,98 +346,24 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A checkpoint read without running anything from it (``benchmark.safeload``); a dict, or CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    data = safe_load(path, "checkpoint")
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(data).__name__}")
-    return data
-
-
-def is_own_checkpoint(data: Mapping[str, Any]) -> bool:
-    return data.get("format") == CKPT_FORMAT
-
-
-def load_model_state(net: nn.Module, ckpt: Mapping[str, Any], source: str) -> None:
-    """Load one of our checkpoints into a freshly built model of the same method and config."""
-    if ckpt.get("version") != CKPT_VERSION:
-        raise CheckpointError(f"{source}: checkpoint version {ckpt.get('version')!r}, expected {CKPT_VERSION}")
-    state = ckpt["model"]
-    own = net.state_dict()
-    unexpected = sorted(set(state) - set(own))
-    if unexpected:
-        raise CheckpointError(
-            f"{source}: {len(unexpected)} checkpoint key(s) do not exist in this model "
-            f"(another method or architecture?), e.g. {unexpected[:3]}"
-        )
-    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        k = bad[0]
-        raise CheckpointError(
-            f"{source}: shape mismatch for {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        )
-    from benchmark.official import refuse_incomplete, required_state_keys
-
-    refuse_incomplete(source, required_state_keys(net) - set(state), "trained parameter(s) or buffer(s) are")
-    fp = ckpt.get("frozen_fingerprint")
-    if fp is not None and fp != frozen_fingerprint(net):
-        raise CheckpointError(
-            f"{source}: the frozen weights of this model differ from those the checkpoint was trained on "
-            "(build it with the same --pretrained file and seed)"
-        )
-    net.load_state_dict(state, strict=False)
-
-
-def check_resume_settings(ckpt: Mapping[str, Any], meta: Mapping[str, Any], path: Path) -> None:
-    """Refuse to continue a checkpoint written by a run with other settings (another preset, epoch count, ...)."""
-    diff = [
-        f"{k} {ckpt[k]!r} (this run: {meta[k]!r})"
-        for k in RESUME_KEYS
-        if k in ckpt and k in meta and ckpt[k] != meta[k]
-    ]
-    if diff:
-        raise ResumeMismatchError(
-            f"--resume: {path} belongs to a different run: {'; '.join(diff)}. "
-            "Use another --work-dir, or delete its checkpoints to start over"
-        )
-
-
-def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    found = []
-    for p in ckpt_dir.glob("epoch_*.pth"):
-        m = CKPT_PATTERN.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
 # --------------------------------------------------------------------------- hooks
 
 
 class MergeForEvalHook(Hook):
-    """Validate with LoRA-family updates folded into the frozen weights (``methods.base.merge_for_eval``);
-    the exact weights are restored before anything else (checkpointing) sees the model again."""
+    """Validate with the method's updates folded into the frozen weights (``merge``: the method's
+    ``MethodSpec.merge_for_eval``, by default the generic ``benchmark.peft_tools.merge_for_eval``); the exact
+    weights are restored before anything else (checkpointing) sees the model again."""
 
     priority = "HIGH"  # after_val_epoch: unmerge before BenchmarkHook (LOW) saves a checkpoint
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, merge: MergeForEval = merge_for_eval) -> None:
         self.net = net
+        self.merge = merge
         self._stack: contextlib.ExitStack | None = None
 
     def before_val_epoch(self, runner: Runner) -> None:
-        from methods.base import merge_for_eval
-
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(merge_for_eval(self.net))
+        self._stack.enter_context(self.merge(self.net))
 
     def after_val_epoch(self, runner: Runner, metrics: dict[str, float] | None = None) -> None:
         if self._stack is not None:
@@ -497,7 +414,7 @@ class BenchmarkHook(Hook):
             return
         for path in reversed(list_checkpoints(self.ckpt_dir)):
             try:
-                ckpt = load_checkpoint_file(path)
+                ckpt = read_checkpoint(path)
                 if not is_own_checkpoint(ckpt):
                     raise CheckpointError(f"{path}: not a checkpoint of this harness")
                 check_resume_settings(ckpt, self.meta, path)
@@ -601,16 +518,6 @@ class BenchmarkHook(Hook):
 # --------------------------------------------------------------------------- optimiser and schedule
 
 
-def param_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """The official grouping: no decay on 1-D parameters and biases, decay on everything else."""
-    decay, no_decay = [], []
-    for name, p in net.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def wrap_optimizer(
     optimizer: torch.optim.Optimizer, device: str, amp_dtype: str | None, clip_grad: float | None
 ) -> OptimWrapper:
@@ -623,38 +530,9 @@ def wrap_optimizer(
     return OptimWrapper(optimizer=optimizer, clip_grad=clip)
 
 
-@dataclass
-class Schedule:
-    """Linear warm-up then per-iteration cosine, as timm's ``CosineLRScheduler(warmup_prefix=True)``.
-
-    ``lr(t) = warmup_lr + t * (peak_lr - warmup_lr) / warmup_iters`` for ``t < warmup_iters``, then
-    ``min_lr + 0.5 * (peak_lr - min_lr) * (1 + cos(pi * (t - warmup_iters) / (total_iters - warmup_iters)))``,
-    and ``min_lr`` from ``total_iters`` on. By default iteration ``k`` (0-based) trains with ``lr(k)``.
-    ``official_lr_lag``: the official loop steps its scheduler with the index of the iteration just done, so
-    iteration ``k >= 1`` trains with ``lr(k - 1)`` (both of the first two with ``lr(0)``); used for the
-    training-loop parity check, see docs/protocol.md.
-    """
-
-    peak_lr: float
-    warmup_lr: float
-    min_lr: float
-    warmup_iters: int
-    total_iters: int
-    official_lr_lag: bool = False
-
-    def lr_at(self, iteration: int) -> float:
-        """The learning rate iteration ``iteration`` (0-based) trains with (float64, timm's order of operations)."""
-        t = max(0, iteration - 1) if self.official_lr_lag else iteration
-        w = min(self.warmup_iters, self.total_iters)
-        if t < w:
-            return self.warmup_lr + t * ((self.peak_lr - self.warmup_lr) / w)
-        u, span = t - w, self.total_iters - w
-        if u < span:
-            return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1 + math.cos(math.pi * u / span))
-        return self.min_lr
-
-    def schedulers(self, optim_wrapper: OptimWrapper) -> list[Any]:
-        return [WarmupCosineLR(optim_wrapper, self)]
+def lr_schedulers(schedule: Schedule, optim_wrapper: OptimWrapper) -> list[Any]:
+    """The mmengine schedulers that follow ``schedule`` (stepped after every train iteration)."""
+    return [WarmupCosineLR(optim_wrapper, schedule)]
 
 
 class WarmupCosineLR(LRSchedulerMixin, _ParamScheduler):
@@ -683,6 +561,13 @@ class WarmupCosineLR(LRSchedulerMixin, _ParamScheduler):
         for key in ("last_step", "_global_step", "_last_value"):
             if key in state_dict:
                 setattr(self, key, state_dict[key])
+
+
+def last_grad_norm() -> float:
+    """The gradient norm the last optimiser step logged (``train/grad_norm`` in mmengine's message hub)."""
+    from mmengine.logging import MessageHub
+
+    return float(MessageHub.get_current_instance().get_scalar("train/grad_norm").current())
 
 
 def build_optim_wrapper(
@@ -731,6 +616,8 @@ class EngineSetup:
     log_interval: int = 10
     meta: dict[str, Any] = field(default_factory=dict)
     collate_fn: Any = None
+    # evaluation with merged adapters: the method's ``MethodSpec.merge_for_eval`` (the generic merge by default)
+    merge: MergeForEval = merge_for_eval
     # one entry per validation run by this process (rank 0), in the order of the history entries it appends
     per_image: list[bytes] = field(default_factory=list)
 
@@ -856,8 +743,8 @@ def train(s: EngineSetup) -> EngineOutcome:
             train_dataloader=train_loader,
             train_cfg=dict(by_epoch=True, max_epochs=s.epochs, val_interval=s.val_interval),
             optim_wrapper=optim_wrapper,
-            param_scheduler=s.schedule.schedulers(optim_wrapper),
-            custom_hooks=[hook, MergeForEvalHook(s.net)],
+            param_scheduler=lr_schedulers(s.schedule, optim_wrapper),
+            custom_hooks=[hook, MergeForEvalHook(s.net, s.merge)],
             **kw,
         )
     t0 = time.perf_counter()
@@ -889,7 +776,7 @@ def evaluate(s: EngineSetup) -> EngineOutcome:
     model = EngineModel(s.net, s.loss_fn)
     kw = _runner_common(s, model)
     with runner_device(s.device):
-        runner = Runner(custom_hooks=[MergeForEvalHook(s.net)], **kw)
+        runner = Runner(custom_hooks=[MergeForEvalHook(s.net, s.merge)], **kw)
     t0 = time.perf_counter()
     try:
         flat = runner.val()
@@ -916,23 +803,4 @@ def evaluate(s: EngineSetup) -> EngineOutcome:
         resumed_from=None,
         final_metrics=metrics,
         peak_mem_reserved_bytes=_peak_reserved(s.device),
-    )
-
-
-def steps_per_epoch(n_train: int, batch_size: int, world: int) -> int:
-    return n_train // (batch_size * world)
-
-
-def make_schedule(
-    protocol: Protocol, total_batch: int, iters_per_epoch: int, epochs: int, **override: Any
-) -> Schedule:
-    peak = override.get("peak_lr") or protocol.peak_lr(total_batch)
-    scale = peak / protocol.peak_lr(total_batch)
-    warmup_epochs = override.get("warmup_epochs", protocol.warmup_epochs)
-    return Schedule(
-        peak_lr=peak,
-        warmup_lr=protocol.warmup_lr * total_batch / protocol.lr_reference_batch * scale,
-        min_lr=protocol.min_lr * total_batch / protocol.lr_reference_batch * scale,
-        warmup_iters=int(math.floor(warmup_epochs * iters_per_epoch)),
-        total_iters=epochs * iters_per_epoch,
     )

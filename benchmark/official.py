@@ -3,7 +3,8 @@
 - ``load_official_state_dict``: an official ``MultiTaskSwin`` state dict (scale-lab/MTLoRA) onto this
   project's model (key naming: tests/fixtures/README.md, docs/protocol.md 8);
 - ``load_pretrained_backbone``: ImageNet Swin weights (timm or original Microsoft release format);
-- ``build_from_fixture_config``: this implementation built from a parity fixture's ``config`` dict;
+- ``build_from_fixture_config``: this implementation built from a parity fixture's ``config`` dict (the method
+  part through the registry entry that claims the fixture, ``MethodSpec.official``: no method is imported here);
 - ``parity_checks``: a ``model_*.pt`` fixture (and its ``model_*_grad.pt`` companion) against this code.
 
 Official -> local key mapping:
@@ -33,6 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from benchmark.checkpoints import (  # noqa: F401  (required_state_keys, refuse_incomplete: re-exported)
+    STRUCTURAL_BUFFERS,
+    read_weights,
+    refuse_incomplete,
+    required_state_keys,
+)
+from benchmark.method_api import METHODS
 from benchmark.model import ModelConfig, MultiTaskModel, SwinConfig
 from benchmark.params import count_parameters
 from benchmark.parity import Check
@@ -97,28 +105,6 @@ class LoadReport:
 # --------------------------------------------------------------------------- reading checkpoint files
 
 
-def load_checkpoint_file(path: str | Path) -> Any:
-    """``torch.load`` without running code from the file (``benchmark.safeload``: weights-only, then the
-    allow-list of an official checkpoint, whose yacs config is read as plain data)."""
-    return safe_load(path, "checkpoint")
-
-
-def required_state_keys(model: nn.Module) -> set[str]:
-    """What a checkpoint must give for evaluation: every trained parameter and every buffer in the state dict,
-    except the structural ones the model recomputes (relative position indices, attention masks)."""
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    buffers = {n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] not in _DROP}
-    return (trained | buffers) & set(model.state_dict())
-
-
-def refuse_incomplete(source: str, missing: set[str] | list[str], what: str) -> None:
-    """A CheckpointError listing what ``source`` leaves unset, when anything is."""
-    if missing:
-        names = sorted(missing)
-        shown = ", ".join(names[:8]) + (f" ... (+{len(names) - 8} more)" if len(names) > 8 else "")
-        raise CheckpointError(f"{source}: {len(names)} {what} missing from the file: {shown}")
-
-
 def _state_dict_of(obj: Any, source: str) -> dict[str, Tensor]:
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
@@ -136,7 +122,7 @@ def _state_dict_of(obj: Any, source: str) -> dict[str, Tensor]:
 
 # --------------------------------------------------------------------------- official -> local keys
 
-_DROP = ("relative_position_index", "attn_mask")
+_DROP = STRUCTURAL_BUFFERS
 
 
 def official_to_local_key(key: str) -> str | None:
@@ -160,11 +146,11 @@ def official_to_local_key(key: str) -> str | None:
 def to_official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """This model's state dict under the official names (the inverse of ``official_to_local_key``).
 
-    Linears wrapped by MTLoRA get the official ``.linear.`` infix; structural buffers are not included.
+    Linears that a registered method's ``official.wraps_linear`` claims (MTLoRA's layers) get the official
+    ``.linear.`` infix; structural buffers are not included.
     """
-    from methods.mtlora import MTLoRALinear
-
-    wrapped = {name for name, m in model.named_modules() if isinstance(m, MTLoRALinear)}
+    wraps = [s.official.wraps_linear for s in METHODS.specs() if s.official is not None]
+    wrapped = {name for name, m in model.named_modules() if any(w(m) for w in wraps)}
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         module, _, leaf = key.rpartition(".")
@@ -194,7 +180,7 @@ def load_official_state_dict(
     Raises ``CheckpointError`` when shapes disagree or nothing matches (another architecture).
     """
     source = source or (str(state_dict) if isinstance(state_dict, (str, Path)) else "state dict")
-    raw = load_checkpoint_file(state_dict) if isinstance(state_dict, (str, Path)) else state_dict
+    raw = read_weights(state_dict) if isinstance(state_dict, (str, Path)) else state_dict
     sd = _state_dict_of(raw, source)
     own = model.state_dict()
     report = LoadReport()
@@ -237,7 +223,7 @@ def load_pretrained_backbone(backbone: nn.Module, path: str | Path) -> LoadRepor
     swin = getattr(backbone, "swin", None)
     if swin is None:
         raise ValueError(f"load_pretrained_backbone: {type(backbone).__name__} has no timm 'swin' module")
-    sd = _state_dict_of(load_checkpoint_file(path), str(path))
+    sd = _state_dict_of(read_weights(path), str(path))
     sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
     report = LoadReport()
     # buffers timm recomputes, and the classifier / final norm the official backbone does not have
@@ -283,13 +269,6 @@ def _need(config: Mapping[str, Any], key: str) -> Any:
     return config[key]
 
 
-def _per_stage(value: Any, n: int, name: str) -> tuple[int, ...]:
-    vals = list(value) if isinstance(value, (list, tuple)) else [value] * n
-    if len(vals) != n:
-        raise ValueError(f"fixture config: {name} has {len(vals)} entries for {n} stages")
-    return tuple(int(v) for v in vals)
-
-
 def build_from_fixture_config(
     config: Mapping[str, Any],
     drop_path_rate: float | None = None,
@@ -299,10 +278,9 @@ def build_from_fixture_config(
 
     Every size, rank, scale, task and layer set is read from ``config``; anything this implementation
     cannot represent is a ValueError. ``drop_path_rate`` / ``lora_dropout`` override the training-only
-    noise (the gradient fixtures run with both at 0).
+    noise (the gradient fixtures run with both at 0). The registered method whose ``official.claims`` accepts
+    ``config`` reads its own fields (``OfficialSupport.config_from_fixture``).
     """
-    from methods.mtlora import MTLoRAConfig, MTLoRAPlusConfig, _apply
-
     unsupported = {
         "absolute_pos_embed": (config.get("absolute_pos_embed", False), False),
         "final_backbone_norm": (config.get("final_backbone_norm", False), False),
@@ -319,11 +297,12 @@ def build_from_fixture_config(
         raise ValueError(f"fixture config: mlp_activation {config['mlp_activation']!r} is not supported (exact GELU)")
 
     depths = tuple(int(d) for d in _need(config, "depths"))
-    n = len(depths)
-    lora = dict(_need(config, "lora"))
-    if str(lora.get("lora_bias", "none")) != "none":
-        raise ValueError(f"fixture config: lora.lora_bias {lora['lora_bias']!r} is not supported")
-    train_noise = lora.get("lora_dropout_train_only", lora.get("lora_dropout", 0.0))
+    claimed = [spec for spec in METHODS.specs() if spec.official is not None and spec.official.claims(config)]
+    if len(claimed) != 1:
+        who = ", ".join(spec.name for spec in claimed) or "no registered method"
+        raise ValueError(f"fixture config: {who} claims this fixture (expected exactly one method)")
+    official = claimed[0].official
+    assert official is not None
     swin = SwinConfig(
         embed_dim=int(_need(config, "embed_dim")),
         depths=depths,
@@ -338,6 +317,8 @@ def build_from_fixture_config(
             config.get("drop_path_rate_train_only", 0.0) if drop_path_rate is None else drop_path_rate
         ),
     )
+    method_cfg = official.config_from_fixture(config, lora_dropout)
+    (spec,) = [s for s in METHODS.specs() if s.config_cls is type(method_cfg)]
     tasks = list(_need(config, "tasks"))
     num_outputs = dict(_need(config, "num_outputs"))
     missing = [t for t in tasks if t not in num_outputs]
@@ -362,53 +343,12 @@ def build_from_fixture_config(
             m.eps = float(config.get("layer_norm_eps", 1e-5))
         elif isinstance(m, nn.BatchNorm2d):
             m.eps = float(config.get("batch_norm_eps", 1e-5))
-    if "task_filter" in config:  # a TADFormer fixture (methods.tadformer reads its own fields)
-        from methods.tadformer import _apply as apply_tadformer
-        from methods.tadformer import config_from_fixture
-
-        tad_cfg = config_from_fixture(config, lora_dropout)
-        model = apply_tadformer(model, tad_cfg)
-        for m in model.modules():  # the LayerNorms TADFormer adds (prompt_layernorm)
-            if isinstance(m, nn.LayerNorm):
-                m.eps = float(config.get("layer_norm_eps", 1e-5))
-        return model, tad_cfg
-
-    task_rank = lora.get("task_rank", 4)
-    task_scale = lora.get("task_scale", lora.get("shared_scale", 4.0))
-    plus = bool(lora.get("patch_merging_lora", False))
-    variant = str(config.get("variant", ""))
-    if variant and variant.replace(" ", "").upper().startswith("MTLORA+") != plus:
-        raise ValueError(f"fixture config: variant {variant!r} disagrees with lora.patch_merging_lora={plus}")
-    merging_rank = None
-    if plus:
-        pm = lora.get("patch_merging_lora_rank", 0)
-        if pm not in (0, None, [], ()):
-            merging_rank = _per_stage(pm, n - 1, "lora.patch_merging_lora_rank")
-    shared_scale = lora.get("shared_scale", 4.0)
-    if isinstance(shared_scale, (list, tuple)):
-        if len(set(shared_scale)) != 1:
-            raise ValueError("fixture config: per-stage shared scales are not supported")
-        shared_scale = shared_scale[0]
-    fields: dict[str, Any] = dict(
-        shared_rank=_per_stage(_need(lora, "shared_rank"), n, "lora.shared_rank"),
-        task_rank=int(task_rank) if not isinstance(task_rank, Mapping) else 4,
-        task_ranks={t: int(r) for t, r in task_rank.items()} if isinstance(task_rank, Mapping) else {},
-        shared_scale=float(shared_scale),
-        task_scale=float(task_scale) if not isinstance(task_scale, Mapping) else float(shared_scale),
-        task_scales={t: float(s) for t, s in task_scale.items()} if isinstance(task_scale, Mapping) else {},
-        lora_dropout=float(train_noise if lora_dropout is None else lora_dropout),
-        shared_targets=tuple(lora.get("shared_lora_layers", ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))),
-        task_targets=tuple(lora.get("task_lora_layers", ("attn.proj", "mlp.fc1", "mlp.fc2"))),
-        task_blocks=(
-            tuple(tuple(int(b) for b in blocks) for blocks in lora["task_lora_blocks"])
-            if "task_lora_blocks" in lora
-            else None
-        ),
-        merging_rank=merging_rank,
-    )
-    cfg = (MTLoRAPlusConfig if plus else MTLoRAConfig)(**fields)
-    model = _apply(model, cfg)
-    return model, cfg
+    model = spec.apply(model, method_cfg)
+    eps = float(config.get("layer_norm_eps", 1e-5))
+    for m in model.modules():  # the LayerNorms a method adds (TADFormer's prompt_layernorm)
+        if isinstance(m, nn.LayerNorm):
+            m.eps = eps
+    return model, method_cfg
 
 
 # --------------------------------------------------------------------------- parity

@@ -207,16 +207,13 @@ def _train(
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Train ``net`` as a run does (optimiser, schedulers, ``EngineModel.train_step``); returns the wrapper and
     the recorded trajectory. ``dtype``: the image's dtype (float64 for the twin run; labels are float64 always)."""
-    from mmengine.logging import MessageHub
-
     betas = tuple(float(b) for b in st["betas"])
     wrapper = engine.build_optim_wrapper(
         net, schedule.peak_lr, float(st["weight_decay"]), betas, float(st["eps"]), float(st["clip_grad"])
     )
-    schedulers = schedule.schedulers(wrapper)
+    schedulers = engine.lr_schedulers(schedule, wrapper)
     model = engine.EngineModel(net, loss_fn)
     trainable = [p for p in net.parameters() if p.requires_grad]
-    hub = MessageHub.get_current_instance()
     traj = []
     for i in range(int(st["total_iterations"])):
         batch = batches[i % int(st["num_batches"])]
@@ -240,7 +237,7 @@ def _train(
                     **{t: str(log[f"l_{t}"].dtype)[6:] for t in net.tasks},
                     "total": str(log["loss"].dtype)[6:],
                 },
-                "grad_norm": float(hub.get_scalar("train/grad_norm").current()),
+                "grad_norm": engine.last_grad_norm(),
                 "sum": float(flat.sum()),
                 "sumsq": float(flat.pow(2).sum()),
             }

@@ -4,10 +4,11 @@
 
 A method entry is a registered method name, optionally with config overrides in brackets, e.g.
 ``lora[rank=64,alpha=64,dropout=0]`` or ``mtlora[shared_rank=[16,16,16,16]]``; ``_form=NAME`` in the brackets
-forces one LoRA form (``methods.lora_ops.FORMS``) on the method's LoRA layers and ``_checkpoint=all`` (or stage
-numbers, ``_checkpoint=1+2``) turns on MTLoRA's activation checkpointing. Two entries are internal to this
-tool: ``reference`` (see below) and ``peft_lora_reference[...]``, the ``lora`` config injected with peft's own
-LoRA layers, the anchor the fast ``lora`` layers are compared with. ``reference`` and ``full_ft`` are always
+forces one LoRA form (``benchmark.lora_ops.FORMS``) on the method's LoRA layers and ``_checkpoint=all`` (or stage
+numbers, ``_checkpoint=1+2``) turns on the method's activation checkpointing (its registry entry's
+``activation_checkpointing``). Two entries are internal to this tool: ``reference`` (see below) and
+``peft_lora_reference[...]``, the ``lora`` config injected with peft's own LoRA layers (the registry entry's
+``peft_reference`` variant), the anchor the fast ``lora`` layers are compared with. ``reference`` and ``full_ft`` are always
 measured: every step time is also given as a ratio to them.
 
 Measured per method, all in one process with the methods interleaved (in each round every method runs once,
@@ -22,7 +23,7 @@ the order rotating), warm-up rounds dropped, medians over the remaining rounds:
   ``torch.utils.flop_counter`` in an untimed step): the arithmetic a method cannot avoid, so that a time ratio
   can be read against its FLOP ratio;
 - evaluation images/s (eval mode, no gradients, forward + the protocol's meters' ``stats``) and forward-only
-  images/s, both with LoRA-family updates merged into the weights (``methods.base.merge_for_eval``), plus the
+  images/s, both with LoRA-family updates merged into the weights (``benchmark.peft_tools.merge_for_eval``), plus the
   unmerged forward;
 - the meters alone: milliseconds per batch each task's meter takes for its ``stats`` on the reference's outputs
   (``meters_ms``), what evaluation adds to the forward for every method alike;
@@ -55,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import platform
@@ -72,8 +74,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from benchmark.build import build_net as core_build_net
+from benchmark.build import no_checkpointing_message
 from benchmark.losses import MultiTaskLoss
-from benchmark.model import SWIN_VARIANTS, MultiTaskModel, model_config_for
+from benchmark.method_api import METHODS, MethodSpec, apply_overrides, parse_checkpoint_stages
+from benchmark.model import SWIN_VARIANTS, model_config_for
+from benchmark.optim import param_groups
 from benchmark.params import count_parameters
 from benchmark.protocol import PASCAL_CONTEXT, PROTOCOLS, Protocol, get_protocol
 from benchmark.tasks import kind_of
@@ -81,9 +87,13 @@ from benchmark.tasks import kind_of
 SCHEMA = 1
 AMP_DTYPES = (None, "bfloat16", "float16")
 ANCHORS = ("reference", "full_ft")
-INTERNAL = ("reference", "peft_lora_reference")
-CLIP_GRAD = 5.0  # docs/protocol.md 2.4
-WEIGHT_DECAY = 0.05
+# entries internal to this tool: the registered method they build, and the variant of its applier (None: its apply)
+INTERNAL: dict[str, tuple[str, str | None]] = {
+    "reference": ("decoders_only", None),
+    "peft_lora_reference": ("lora", "peft_reference"),
+}
+CLIP_GRAD = PASCAL_CONTEXT.clip_grad  # docs/protocol.md 2.4 (the same in every protocol of this harness)
+WEIGHT_DECAY = PASCAL_CONTEXT.weight_decay
 
 
 class PerfError(ValueError):
@@ -114,8 +124,7 @@ def split_top(text: str, sep: str = ",") -> list[str]:
 
 
 def parse_entry(text: str) -> Entry:
-    from methods import METHODS
-    from methods.lora_ops import FORMS
+    from benchmark.lora_ops import FORMS
 
     name, overrides = text, []
     if "[" in text:
@@ -133,36 +142,33 @@ def parse_entry(text: str) -> Entry:
             if form not in FORMS:
                 raise PerfError(f"method entry {text!r}: _form={form!r} is not one of {list(FORMS)}")
         elif o.startswith("_checkpoint="):
-            from methods.mtlora import parse_checkpoint_stages
-
             try:
                 ckpt = parse_checkpoint_stages(o.split("=", 1)[1])
             except ValueError as e:
                 raise PerfError(f"method entry {text!r}: {e}") from None
         else:
             rest.append(o)
-    if name not in INTERNAL:
-        try:
-            METHODS.get(name)
-        except KeyError as e:
-            raise PerfError(f"method entry {text!r}: {e.args[0]}") from None
+    try:
+        spec(name)
+    except KeyError as e:
+        raise PerfError(f"method entry {text!r}: {e.args[0]}") from None
     entry = Entry(text, name, tuple(rest), form, ckpt)
     method_config(entry)  # bad overrides fail here, before anything runs
     return entry
 
 
-def method_config(entry: Entry, protocol: Protocol = PASCAL_CONTEXT) -> Any:
-    """The entry's validated method config (``LoRAConfig`` for peft_lora_reference, decoders_only's for reference)."""
-    from baselines.lora import LoRAConfig
-    from methods import METHODS
-    from methods.base import apply_overrides
+def spec(name: str) -> MethodSpec:
+    """The registry entry an entry name builds: a registered method, or an internal entry's method with its
+    variant applier in place of ``apply``; a KeyError names the known ones."""
+    method, variant = INTERNAL.get(name, (name, None))
+    found = METHODS.get(method)
+    return found if variant is None else dataclasses.replace(found, apply=found.variants[variant])
 
-    if entry.name == "peft_lora_reference":
-        base: Any = LoRAConfig()
-    else:
-        base = METHODS.get("decoders_only" if entry.name == "reference" else entry.name).default_config()
+
+def method_config(entry: Entry, protocol: Protocol = PASCAL_CONTEXT) -> Any:
+    """The entry's validated method config (``lora``'s for peft_lora_reference, decoders_only's for reference)."""
     try:
-        cfg = apply_overrides(base, entry.overrides)
+        cfg = apply_overrides(spec(entry.name).default_config(), entry.overrides)
         cfg.validate(protocol.task_names)
     except ValueError as e:
         raise PerfError(f"method entry {entry.label!r}: {e}") from None
@@ -193,18 +199,14 @@ def model_config(backbone: str, img: int, protocol: Protocol = PASCAL_CONTEXT) -
 
 def build_net(entry: Entry, backbone: str, img: int, protocol: Protocol = PASCAL_CONTEXT) -> nn.Module:
     """The entry's model on a fresh multi-task Swin (seed 0), its trainable set as the method defines it."""
-    from baselines.lora import inject
-    from methods import METHODS
-    from methods.mtlora import set_activation_checkpointing
-
     method_cfg = method_config(entry, protocol)
+    if entry.checkpoint and spec(entry.name).activation_checkpointing is None:
+        raise PerfError(f"method entry {entry.label!r}: _checkpoint given but {no_checkpointing_message(entry.name)}")
     torch.manual_seed(0)
-    model = MultiTaskModel(model_config(backbone, img, protocol))
     try:
-        if entry.name == "peft_lora_reference":
-            net = inject(model, method_cfg, fast=False)
-        else:
-            net = METHODS.get("decoders_only" if entry.name == "reference" else entry.name).apply(model, method_cfg)
+        net = core_build_net(
+            spec(entry.name), method_cfg, model_config(backbone, img, protocol), None, entry.checkpoint
+        )
     except ValueError as e:
         raise PerfError(f"method entry {entry.label!r}: {e}") from None
     if entry.form is not None:
@@ -213,8 +215,6 @@ def build_net(entry: Entry, backbone: str, img: int, protocol: Protocol = PASCAL
             raise PerfError(f"method entry {entry.label!r}: _form given but the method has no LoRA layers")
         for m in layers:
             m.form = entry.form
-    if entry.checkpoint and not set_activation_checkpointing(net, entry.checkpoint):
-        raise PerfError(f"method entry {entry.label!r}: _checkpoint given but the method has no MTLoRA backbone")
     return net
 
 
@@ -226,15 +226,6 @@ def make_batch(
     image = torch.randn(batch, 3, img, img, generator=g)
     targets = {t.name: kind_of(t).random_target(t, batch, img, g) for t in protocol.tasks}
     return image.to(device), {t: v.to(device) for t, v in targets.items()}
-
-
-def _param_groups(net: nn.Module) -> list[dict[str, Any]]:
-    # the engine's grouping (no decay on 1-D parameters and biases), repeated here to keep mmengine out of perf
-    decay, no_decay = [], []
-    for name, p in net.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @dataclass
@@ -265,7 +256,7 @@ class Bench:
             self.image = self.image.contiguous(memory_format=torch.channels_last)
         self.train_image = self.image.clone().requires_grad_(self.entry.name == "reference")
         self.params = [p for p in self.net.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(_param_groups(self.net), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+        self.opt = torch.optim.AdamW(param_groups(self.net, WEIGHT_DECAY), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
         self.loss = MultiTaskLoss(self.protocol.tasks)
         self.meters = build_meters(self.protocol.tasks)
         module = self.net.backbone if self.backbone_only else self.net
@@ -498,7 +489,8 @@ def memory_child(entry: Entry, args: argparse.Namespace) -> dict[str, int]:
     = the peak of live tensor bytes during a third, profiled step (:func:`_allocation_peak`), blind to malloc.
     """
     import benchmark.metrics  # noqa: F401  (everything the steps import, loaded before the baseline)
-    import methods  # noqa: F401
+
+    METHODS.load()  # every plug-in imported before the baseline, too
 
     device = torch.device(args.device)
     out: dict[str, int] = {}
@@ -588,28 +580,34 @@ def measure_memory(entry: Entry, args: argparse.Namespace) -> dict[str, int]:
 
 
 def data_throughput(
-    img: int, n_images: int, data_dir: str | None, size_range: tuple[int, int], workdir: Path
+    img: int,
+    n_images: int,
+    data_dir: str | None,
+    size_range: tuple[int, int],
+    workdir: Path,
+    protocol: Protocol = PASCAL_CONTEXT,
 ) -> dict[str, Any]:
-    """Images/s of one data-loader worker: load a training sample (files -> arrays) and apply the train transforms."""
+    """Images/s of one data-loader worker: load a training sample (files -> arrays) and apply the protocol's train
+    transforms."""
     import cv2
 
-    from benchmark.dataset import PascalMT
+    from benchmark.dataset import open_dataset
     from benchmark.synth import make_synthetic_dataset
     from benchmark.transforms import build_transforms
 
     if data_dir is None:
-        root = make_synthetic_dataset(workdir / "data", n_train=n_images, n_val=1, seed=0, size_range=size_range)
-        source = f"generated PASCAL_MT layout, {n_images} images of {size_range[0]}-{size_range[1]} px"
+        root = make_synthetic_dataset(
+            workdir / "data", n_train=n_images, n_val=1, seed=0, size_range=size_range, protocol=protocol
+        )
+        source = f"generated {protocol.dataset} layout, {n_images} images of {size_range[0]}-{size_range[1]} px"
     else:
         root = Path(data_dir)
         source = str(root)
-    ds = PascalMT(root, "train", PASCAL_CONTEXT.task_names, transform=None, cache_dir=workdir / "cache")
+    ds = open_dataset(protocol, root, "train", None, cache_dir=workdir / "cache")
     n = min(n_images, len(ds))
     if n == 0:
         raise PerfError(f"--data {root}: the train split is empty")
-    from benchmark.protocol import PASCAL_CONTEXT
-
-    tf = build_transforms(PASCAL_CONTEXT, train=True, seed=0, image_size=img)
+    tf = build_transforms(protocol, train=True, seed=0, image_size=img)
     threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)  # what a DataLoader worker gets; OpenCV likewise limited to its worker
     cv2.setNumThreads(1)
@@ -674,8 +672,7 @@ def machine(device: torch.device, threads: int) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure everything ``args`` asks for; returns the JSON-able result."""
-    from methods.base import merge_for_eval
-    from methods.lora_ops import record_forms
+    from benchmark.lora_ops import record_forms
 
     entries = parse_methods(args.methods)
     labels = {e.label for e in entries}
@@ -683,7 +680,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         missing = [x for x in (a, b) if x not in labels]
         if missing:
             raise PerfError(f"--pair {a}:{b}: {missing} not among the measured methods {sorted(labels)}")
-    model_config(args.backbone, args.img, get_protocol(args.protocol))  # a bad size fails before anything runs
+    protocol = get_protocol(args.protocol)
+    model_config(args.backbone, args.img, protocol)  # a bad size fails before anything runs
     device = torch.device(args.device)
     malloc_tuned = tune_malloc() if args.malloc_tuning and device.type == "cpu" else False
     print(f"[perf] building {len(entries)} models ({args.backbone}, {args.img} px)", file=sys.stderr, flush=True)
@@ -708,7 +706,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     @contextlib.contextmanager
     def merged(b: Bench) -> Iterator[None]:
-        with merge_for_eval(b.net) as n:
+        with spec(b.entry.name).merge_for_eval(b.net) as n:
             merged_counts[b.entry.label] = n
             yield
 
@@ -759,7 +757,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.data_images > 0:
         print("[perf] data pipeline", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="perf-data-") as tmp:
-            data = data_throughput(args.img, args.data_images, args.data, args.data_size, Path(tmp))
+            data = data_throughput(args.img, args.data_images, args.data, args.data_size, Path(tmp), protocol)
     return {
         "schema": SCHEMA,
         "config": {

@@ -44,55 +44,39 @@ class UsageError(ValueError):
 
 
 def method_registry() -> Any:
-    """The registry of methods. MERGE: ``benchmark.method_api.method_registry()`` once the core's module exists."""
-    from methods import METHODS
+    """The registry of methods (the core's; its plug-ins are imported on first use)."""
+    from benchmark.method_api import method_registry as registry
 
-    return METHODS
+    return registry()
 
 
 def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
-    """``key=value`` overrides applied to a method config. MERGE: ``benchmark.method_api.apply_overrides``."""
-    from methods.base import apply_overrides as apply
+    """``key=value`` overrides applied to a method config."""
+    from benchmark.method_api import apply_overrides as apply
 
     return apply(cfg, overrides)
 
 
-def _checkpointing_hook(method_spec: Any) -> Any:
-    """The method's switch for recomputing block activations, ``(net, stages) -> modules switched``, or None.
-    MERGE: the registry entry's ``activation_checkpointing`` field (``MethodSpec.activation_checkpointing``)."""
-    from methods.mtlora import MTLoRAConfig, set_activation_checkpointing
-
-    return set_activation_checkpointing if issubclass(method_spec.config_cls, MTLoRAConfig) else None
-
-
-def _parse_stages(text: str, n_stages: int) -> bool | frozenset[int]:
-    """'all' / 'none' / 1-based stage numbers. MERGE: wherever the core puts the parser (today methods.mtlora)."""
-    from methods.mtlora import parse_checkpoint_stages
-
-    return parse_checkpoint_stages(text, n_stages)
-
-
-def no_checkpointing(method: str) -> str:
-    registry = method_registry()
-    have = [n for n in registry.names() if _checkpointing_hook(registry.get(n)) is not None]
-    return f"method {method!r} has no checkpointing backbone; it is available for {', '.join(have) or 'none'}"
-
-
 def checkpoint_stages(stages: str | None, n_stages: int) -> bool | frozenset[int]:
     """``--activation-checkpointing`` parsed (False when absent); a bad value is a UsageError."""
-    if stages is None:
-        return False
+    from benchmark import build
+
     try:
-        return _parse_stages(stages, n_stages)
+        return build.checkpoint_stages(stages, n_stages)
     except ValueError as e:
-        raise UsageError(f"--activation-checkpointing: {e}") from None
+        raise UsageError(str(e)) from None
 
 
 def check_checkpointing(method: str, stages: str | None, n_stages: int) -> bool | frozenset[int]:
-    """The parsed stages; a UsageError when they switch checkpointing on for a method without the hook."""
+    """The parsed stages; a UsageError when they switch checkpointing on for a method whose registry entry has
+    no ``activation_checkpointing``."""
+    from benchmark import build
+
     value = checkpoint_stages(stages, n_stages)
-    if value and _checkpointing_hook(method_registry().get(method)) is None:
-        raise UsageError(f"--activation-checkpointing: {no_checkpointing(method)}")
+    try:
+        build.check_checkpointing(method_registry().get(method), value)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return value
 
 
@@ -295,33 +279,12 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def build_net(
     spec: Any, method_cfg: Any, model_cfg: Any, pretrained: Path | None, activation_checkpointing: str | None = None
 ) -> Any:
-    """Build the multi-task model, load pretrained Swin weights, then apply the method (``spec``: its registry
-    entry)."""
-    from benchmark.model import MultiTaskModel
+    """The core's ``benchmark.build.build_net`` (``spec``: the method's registry entry), with a bad
+    ``--activation-checkpointing`` as a UsageError."""
+    from benchmark import build
 
-    net = MultiTaskModel(model_cfg)
-    if pretrained is not None:
-        from benchmark.official import load_pretrained_backbone
-
-        report = load_pretrained_backbone(net.backbone, pretrained)
-        print(f"pretrained: {report}", file=sys.stderr)
-    net = spec.apply(net, method_cfg)
-    if activation_checkpointing is not None:
-        enable_activation_checkpointing(net, spec.name, activation_checkpointing, len(model_cfg.backbone.depths))
-    return net
-
-
-def enable_activation_checkpointing(net: Any, method: str, stages: str = "all", n_stages: int = 4) -> int:
-    """Switch on the recomputation of block activations (``stages``: 'all', 'none' or 1-based stage numbers)
-    where the method's registry entry offers it; a UsageError where it does not ('none' suits every method)."""
-    value = checkpoint_stages(stages, n_stages)
-    if not value:
-        return 0  # 'none': nothing to switch on, whatever the method
-    hook = _checkpointing_hook(method_registry().get(method))
-    n = hook(net, value) if hook is not None else 0
-    if not n:
-        raise UsageError(f"--activation-checkpointing: {no_checkpointing(method)}")
-    return n
+    check_checkpointing(spec.name, activation_checkpointing, len(model_cfg.backbone.depths))
+    return build.build_net(spec, method_cfg, model_cfg, pretrained, activation_checkpointing)
 
 
 def spec_net(spec: RunSpec) -> Any:
@@ -365,7 +328,7 @@ def dry_run(spec: RunSpec, quiet: bool = False) -> dict[str, Any]:
 def check_inputs(spec: RunSpec) -> Any:
     """Every given file and folder checked, and the checkpoint to evaluate read, before any folder is made (an
     unreadable or refused file leaves nothing behind). Returns the checkpoint's contents (None: none given)."""
-    from benchmark.official import load_checkpoint_file
+    from benchmark.checkpoints import read_weights
 
     check_checkpointing(spec.method, spec.activation_checkpointing, len(spec.model_config.backbone.depths))
     if spec.eval_only and spec.checkpoint is None:
@@ -373,8 +336,8 @@ def check_inputs(spec: RunSpec) -> Any:
     if spec.checkpoint is not None and not spec.checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {spec.checkpoint}: file not found")
     if spec.pretrained is not None:
-        load_checkpoint_file(spec.pretrained)
-    checkpoint_data = None if spec.checkpoint is None else load_checkpoint_file(spec.checkpoint)
+        read_weights(spec.pretrained)
+    checkpoint_data = None if spec.checkpoint is None else read_weights(spec.checkpoint)
     check_data(spec)
     return checkpoint_data
 
@@ -789,10 +752,10 @@ def load_for_eval(net: Any, path: Path, spec: Any, meta: dict[str, Any] | None =
     """Load a checkpoint to evaluate (this harness's or the official code's) into ``net`` (``spec``: the method's
     registry entry; ``data``: the file already read)."""
     from benchmark import engine
-    from benchmark.official import load_checkpoint_file
+    from benchmark.checkpoints import read_weights
 
     # weights-only first; official checkpoints also pickle their yacs config, read as plain data (safeload)
-    ckpt = load_checkpoint_file(path) if data is None else data
+    ckpt = read_weights(path) if data is None else data
     if not isinstance(ckpt, dict):
         raise engine.CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     if engine.is_own_checkpoint(ckpt):

@@ -36,11 +36,12 @@ from timm.layers import DropPath
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor, nn
 
-from benchmark.model import Features, SwinBackbone
-from methods.base import MethodConfig, freeze, register_method, unfreeze_matching
-from methods.lora_ops import fast_dropout, lora_linear
+from benchmark.backbones import FAMILIES, Features, SwinBackbone
+from benchmark.lora_ops import fast_dropout, lora_linear
+from benchmark.method_api import MethodConfig, OfficialSupport, register_method
+from benchmark.peft_tools import freeze, unfreeze_matching
 
-SHARED_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+SHARED_TARGETS = FAMILIES.get("swin").lora_targets  # the Swin linears LoRA adapts: attn.qkv/proj, mlp.fc1/fc2
 TASK_TARGETS = ("attn.proj", "mlp.fc1", "mlp.fc2")  # qkv is never task-specific in MTLoRA
 PATCH_MERGING_MODES = ("full", "lora", "frozen")
 
@@ -155,15 +156,17 @@ class MTLoRALinear(nn.Linear):
     and ``lora_tasks_B.<task>`` (the official names). ``forward`` gives the shared output;
     ``forward_tasks`` also the per-task outputs, stacked on a leading task axis.
 
-    The shared LoRA is computed factored (``methods.lora_ops.lora_linear``: the low-rank product accumulated
+    The shared LoRA is computed factored (``benchmark.lora_ops.lora_linear``: the low-rank product accumulated
     into the frozen GEMM's output, the scale folded into B) and its dropout mask is drawn as geometric gaps on
     the CPU (``fast_dropout``: the distribution of ``nn.Dropout``, a different random stream). ``form = "auto"``
     would also use the materialised/hybrid forms when dropout is off; it is not the default because its
     rounding moves one gradient of the official parity fixture just past the 1e-3 check (docs/perf.md).
     """
 
-    form: str = "factored"  # methods.lora_ops.FORMS
-    exact_unmerge = True  # merge()/unmerge() restore the frozen weight bit for bit (methods.base.merge_for_eval)
+    form: str = "factored"  # benchmark.lora_ops.FORMS
+    exact_unmerge = (
+        True  # merge()/unmerge() restore the frozen weight bit for bit (benchmark.peft_tools.merge_for_eval)
+    )
 
     def __init__(
         self,
@@ -229,7 +232,7 @@ class MTLoRALinear(nn.Linear):
         self._check_mode()
         if not self.shared_rank or self.merged:
             return F.linear(x, self.weight, self.bias)
-        # the cheapest exact form for this width, rank and token count (methods.lora_ops)
+        # the cheapest exact form for this width, rank and token count (benchmark.lora_ops)
         return lora_linear(
             x,
             self.weight,
@@ -616,23 +619,6 @@ class StageOutput:
     tasks: Tensor | None  # [T, B, H, W, C] task streams after merging, None: the tasks use ``shared``
 
 
-def parse_checkpoint_stages(text: str, n_stages: int = 4) -> bool | frozenset[int]:
-    """``"all"`` -> True, ``"none"`` -> False, ``"1"`` / ``"1,2"`` / ``"1+2"`` (1-based stage numbers) -> the
-    0-based set for :attr:`MTLoRABackbone.checkpoint`; anything else is a ValueError naming what is expected."""
-    value = text.strip().lower()
-    if value in ("all", "true"):
-        return True
-    if value in ("none", "false", ""):
-        return False
-    parts = [p for p in value.replace("+", ",").split(",") if p]
-    if not parts or not all(p.isdigit() and 1 <= int(p) <= n_stages for p in parts):
-        raise ValueError(
-            f"activation checkpointing {text!r}: expected 'all', 'none' or stage numbers 1-{n_stages} "
-            "separated by ',' or '+' (e.g. '1' or '1,2')"
-        )
-    return frozenset(int(p) - 1 for p in parts)
-
-
 def set_activation_checkpointing(net: nn.Module, stages: bool | frozenset[int]) -> int:
     """Set :attr:`MTLoRABackbone.checkpoint` on every MTLoRA backbone in ``net``; returns how many there are."""
     found = [m for m in net.modules() if isinstance(m, MTLoRABackbone)]
@@ -741,7 +727,7 @@ def _apply(model: nn.Module, cfg: MTLoRAConfig) -> nn.Module:
     if isinstance(base, MTLoRABackbone):
         raise ValueError("MTLoRA is already applied to this model")
     if not isinstance(base, SwinBackbone):
-        raise ValueError(f"MTLoRA needs a benchmark.model.SwinBackbone, got {type(base).__name__}")
+        raise ValueError(f"MTLoRA needs a benchmark.backbones.SwinBackbone, got {type(base).__name__}")
     depths = [len(layer.blocks) for layer in base.layers]
     cfg.validate_for_backbone(depths)
     task_blocks = cfg.stage_task_blocks(depths)
@@ -793,6 +779,77 @@ PAPER = "Agiza, Neseem, Reda. MTLoRA: a low-rank adaptation approach for efficie
 NO_GRAD = (r"layers\.3\.blocks\.\d+\.mlp\.fc2\.lora_shared_",)
 
 
+# --------------------------------------------------------------------------- the official code base's fixtures
+
+
+def _need(config: Mapping[str, Any], key: str, where: str = "") -> Any:
+    if key not in config:
+        raise ValueError(f"fixture config: missing field {where}{key!r}")
+    return config[key]
+
+
+def _per_stage(value: Any, n: int, name: str) -> tuple[int, ...]:
+    vals = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(vals) != n:
+        raise ValueError(f"fixture config: {name} has {len(vals)} entries for {n} stages")
+    return tuple(int(v) for v in vals)
+
+
+def config_from_fixture(config: Mapping[str, Any], lora_dropout: float | None = None) -> MTLoRAConfig:
+    """The MTLoRA / MTLoRA+ config an official parity fixture's ``config`` describes (``benchmark.official``).
+
+    Every value is read from ``config``; anything this implementation cannot represent is a ValueError.
+    ``lora_dropout`` overrides the training-only LoRA dropout (the gradient fixtures run without it).
+    """
+    n = len(_need(config, "depths"))
+    lora = dict(_need(config, "lora"))
+    if str(lora.get("lora_bias", "none")) != "none":
+        raise ValueError(f"fixture config: lora.lora_bias {lora['lora_bias']!r} is not supported")
+    train_noise = lora.get("lora_dropout_train_only", lora.get("lora_dropout", 0.0))
+    task_rank = lora.get("task_rank", 4)
+    task_scale = lora.get("task_scale", lora.get("shared_scale", 4.0))
+    plus = bool(lora.get("patch_merging_lora", False))
+    variant = str(config.get("variant", ""))
+    if variant and variant.replace(" ", "").upper().startswith("MTLORA+") != plus:
+        raise ValueError(f"fixture config: variant {variant!r} disagrees with lora.patch_merging_lora={plus}")
+    merging_rank = None
+    if plus:
+        pm = lora.get("patch_merging_lora_rank", 0)
+        if pm not in (0, None, [], ()):
+            merging_rank = _per_stage(pm, n - 1, "lora.patch_merging_lora_rank")
+    shared_scale = lora.get("shared_scale", 4.0)
+    if isinstance(shared_scale, (list, tuple)):
+        if len(set(shared_scale)) != 1:
+            raise ValueError("fixture config: per-stage shared scales are not supported")
+        shared_scale = shared_scale[0]
+    fields: dict[str, Any] = dict(
+        shared_rank=_per_stage(_need(lora, "shared_rank"), n, "lora.shared_rank"),
+        task_rank=int(task_rank) if not isinstance(task_rank, Mapping) else 4,
+        task_ranks={t: int(r) for t, r in task_rank.items()} if isinstance(task_rank, Mapping) else {},
+        shared_scale=float(shared_scale),
+        task_scale=float(task_scale) if not isinstance(task_scale, Mapping) else float(shared_scale),
+        task_scales={t: float(s) for t, s in task_scale.items()} if isinstance(task_scale, Mapping) else {},
+        lora_dropout=float(train_noise if lora_dropout is None else lora_dropout),
+        shared_targets=tuple(lora.get("shared_lora_layers", SHARED_TARGETS)),
+        task_targets=tuple(lora.get("task_lora_layers", TASK_TARGETS)),
+        task_blocks=(
+            tuple(tuple(int(b) for b in blocks) for blocks in lora["task_lora_blocks"])
+            if "task_lora_blocks" in lora
+            else None
+        ),
+        merging_rank=merging_rank,
+    )
+    return (MTLoRAPlusConfig if plus else MTLoRAConfig)(**fields)
+
+
+OFFICIAL = OfficialSupport(
+    # the official MTLoRA code base's fixtures (no TADFormer task filter)
+    claims=lambda config: "task_filter" not in config,
+    config_from_fixture=config_from_fixture,
+    wraps_linear=lambda module: isinstance(module, MTLoRALinear),
+)
+
+
 @register_method(
     "mtlora",
     config=MTLoRAConfig,
@@ -800,6 +857,8 @@ NO_GRAD = (r"layers\.3\.blocks\.\d+\.mlp\.fc2\.lora_shared_",)
     adapter_markers=("lora_",),
     identity_at_init=True,
     no_grad_params=NO_GRAD,
+    activation_checkpointing=set_activation_checkpointing,
+    official=OFFICIAL,
     configuration="shared LoRA rank 64 (scale 4, dropout 0.05) on qkv/proj/fc1/fc2, task LoRA rank 4 in each "
     "stage's last block, trainable patch merging, norms and relative-position tables",
     reproduces="MTLoRA (CVPR 2024) Table 1 r=16/32/64 (--set rank=N): 4.95 / 6.08 / 8.34 M printed, exactly "
@@ -817,6 +876,7 @@ def apply(model: nn.Module, cfg: MTLoRAConfig) -> nn.Module:
     adapter_markers=("lora_",),
     identity_at_init=True,
     no_grad_params=NO_GRAD,
+    activation_checkpointing=set_activation_checkpointing,
     description="MTLoRA+: MTLoRA with frozen patch-merging reductions that get a shared LoRA instead.",
     configuration="as mtlora, with frozen patch-merging reductions that get a shared LoRA instead",
     reproduces="none printed: the official code's MTLoRA+ variant (3,469,370 / 4,664,378 / 7,054,394 at r=16/32/64)",

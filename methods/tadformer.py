@@ -37,7 +37,7 @@ Implementation: the task streams are computed with the tasks stacked on a leadin
 frozen products ``W x + b`` are computed once and shared by the shared and every task output, and the filters
 run for all tasks at once (grouped convolutions). ``TADFormerBackbone.batched = False`` runs the filters, window
 reversals and patch mergings of the task streams one task at a time (the reference path for tests). For evaluation the shared LoRA is folded
-into the frozen weights (``methods.base.merge_for_eval``) of every layer except ``attn.proj``, ``mlp.fc1`` and
+into the frozen weights (``benchmark.peft_tools.merge_for_eval``) of every layer except ``attn.proj``, ``mlp.fc1`` and
 ``mlp.fc2`` of the task-adapted blocks: their task streams need ``W`` and ``B``, ``A`` apart (``W x`` on the
 shared input plus a filtered low-rank term), which a merged weight cannot give back exactly.
 
@@ -57,7 +57,7 @@ Deviations and readings of the official code that the fixtures cannot check (tra
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -66,8 +66,9 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor, nn
 
-from benchmark.model import Features, SwinBackbone
-from methods.base import MethodConfig, freeze, register_method, unfreeze_matching
+from benchmark.backbones import Features, SwinBackbone
+from benchmark.method_api import MethodConfig, OfficialSupport, register_method
+from benchmark.peft_tools import freeze, unfreeze_matching
 from methods.mtlora import (
     SHARED_TARGETS,
     MTLoRALinear,
@@ -455,7 +456,7 @@ def _apply(model: nn.Module, cfg: TADFormerConfig) -> nn.Module:
     if isinstance(base, TADFormerBackbone):
         raise ValueError("TADFormer is already applied to this model")
     if not isinstance(base, SwinBackbone):
-        raise ValueError(f"TADFormer needs a benchmark.model.SwinBackbone, got {type(base).__name__}")
+        raise ValueError(f"TADFormer needs a benchmark.backbones.SwinBackbone, got {type(base).__name__}")
     layers = base.layers
     depths = [len(layer.blocks) for layer in layers]
     cfg.validate_for_backbone(depths)
@@ -500,7 +501,7 @@ def _apply(model: nn.Module, cfg: TADFormerConfig) -> nn.Module:
     return model
 
 
-def config_from_fixture(config: dict[str, Any], lora_dropout: float | None = None) -> TADFormerConfig:
+def config_from_fixture(config: Mapping[str, Any], lora_dropout: float | None = None) -> TADFormerConfig:
     """The method config a TADFormer parity fixture's ``config`` describes (``benchmark.official``).
 
     Every value is read from ``config``; anything this implementation cannot represent is a ValueError.
@@ -577,8 +578,21 @@ ADAPTER_MARKERS = ("lora_", "prompt")
 NO_GRAD = (r"blocks\.\d+\.attn\.proj\.prompt_layernorm\.",)
 
 
+# the official TADFormer code base's fixtures (a task filter); its state dict names the linears as MTLoRA's does
+OFFICIAL = OfficialSupport(
+    claims=lambda config: "task_filter" in config,
+    config_from_fixture=config_from_fixture,
+    wraps_linear=lambda module: isinstance(module, MTLoRALinear),
+)
+
+
 def _register(
-    name: str, config: type[TADFormerConfig], description: str, configuration: str, reproduces: str
+    name: str,
+    config: type[TADFormerConfig],
+    description: str,
+    configuration: str,
+    reproduces: str,
+    official: OfficialSupport | None = None,
 ) -> Callable[..., Any]:
     return register_method(
         name,
@@ -589,6 +603,7 @@ def _register(
         description=description,
         configuration=configuration,
         reproduces=reproduces,
+        official=official,
     )
 
 
@@ -600,6 +615,7 @@ def _register(
     "in each stage's last block, per-stage gates",
     "TADFormer (CVPR 2025) main table r=16/32/64 (--set rank=N): 3.56 / 4.78 / 7.38 M printed, exactly "
     "3,557,502 / 4,776,126 / 7,379,262 here; the paper selects the best validation Δm (--select best)",
+    official=OFFICIAL,
 )
 def apply(model: nn.Module, cfg: TADFormerConfig) -> nn.Module:
     """TADFormer with the paper's dynamic task filter on a fresh MultiTaskModel."""

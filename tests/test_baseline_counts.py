@@ -14,12 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmark.method_api import METHODS, apply_overrides
 from benchmark.model import SWIN_VARIANTS, MultiTaskModel, model_config_for
 from benchmark.params import count_parameters
 from benchmark.protocol import PASCAL_CONTEXT
 from leaderboard.data import load_fragments, load_published
-from methods import METHODS
-from methods.base import apply_overrides
 
 DECODERS = 1_946_624  # docs/protocol.md 3.4: total of the four task decoders
 SWIN_T_BACKBONE = 27_517_818  # 29,464,442 - 1,946,624

@@ -15,10 +15,10 @@ from baselines.adapter import AdapterSwinBlock
 from baselines.peft_bridge import CONFIGS, TUNERS
 from baselines.single_task import SingleTaskModels
 from baselines.vpt import PromptedWindowAttention, _add_prompts
+from benchmark.method_api import METHODS, apply_overrides
 from benchmark.model import MultiTaskModel, model_config_for
 from benchmark.params import count_parameters
-from methods import METHODS
-from methods.base import PerTaskBackbone, apply_overrides, merge_for_eval
+from benchmark.peft_tools import PerTaskBackbone, merge_for_eval
 
 TASKS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3}
 

@@ -14,12 +14,12 @@ from mmengine.runner import set_random_seed
 
 from benchmark import engine
 from benchmark.cli import main
+from benchmark.method_api import METHODS
 from benchmark.official import to_official_state_dict
 from benchmark.presets import PRESETS, resolve
 from benchmark.protocol import PASCAL_CONTEXT
 from benchmark.run import build_net
 from benchmark.run import model_config as _model_config
-from methods import METHODS
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -47,7 +47,7 @@ def _tiny_net(method: str = "mtlora"):
 
 def test_eval_only_reads_an_official_mtlora_checkpoint(trained_mtlora, tmp_path):
     net = _tiny_net()
-    ckpt = engine.load_checkpoint_file(trained_mtlora / "checkpoints" / "epoch_1.pth")
+    ckpt = engine.read_checkpoint(trained_mtlora / "checkpoints" / "epoch_1.pth")
     engine.load_model_state(net, ckpt, "epoch_1.pth")
     official = to_official_state_dict(net)
     assert any(k.endswith("attn.qkv.linear.weight") for k in official)  # official key names

@@ -9,8 +9,9 @@ import torch
 from mmengine.optim import OptimWrapper
 from timm.scheduler import CosineLRScheduler
 
-from benchmark.engine import EpochSampler, make_schedule, param_groups
+from benchmark.engine import EpochSampler, lr_schedulers
 from benchmark.model import MultiTaskModel, model_config_for
+from benchmark.optim import make_schedule, param_groups
 from benchmark.protocol import PASCAL_CONTEXT
 
 
@@ -28,7 +29,7 @@ def test_schedule_matches_timm_cosine_per_iteration():
     w = torch.nn.Parameter(torch.zeros(2, 2))
     ours = torch.optim.AdamW([w], lr=sched.peak_lr)
     wrapper = OptimWrapper(optimizer=ours)
-    schedulers = sched.schedulers(wrapper)
+    schedulers = lr_schedulers(sched, wrapper)
     ref_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2, 2))], lr=sched.peak_lr)
     ref = CosineLRScheduler(
         ref_opt,
@@ -92,7 +93,7 @@ def test_scheduler_state_is_counters_only_and_resumes_older_checkpoints():
     def fresh():
         w = torch.nn.Parameter(torch.zeros(1))
         wrapper = OptimWrapper(optimizer=torch.optim.AdamW([w], lr=sched.peak_lr))
-        return wrapper, sched.schedulers(wrapper)
+        return wrapper, lr_schedulers(sched, wrapper)
 
     wrapper, (s,) = fresh()
     for _ in range(7):

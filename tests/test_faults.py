@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.engine import load_checkpoint_file
+from benchmark.checkpoints import read_checkpoint
 from benchmark.results import RunResult
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -97,7 +97,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(reference, tm
     ckpts = wd / "checkpoints"
     assert sorted(x.name for x in ckpts.glob("epoch_*.pth")) == ["epoch_1.pth"]
     assert len(temp_files(ckpts)) == 1  # the half-written copy, never named epoch_2.pth
-    assert load_checkpoint_file(ckpts / "epoch_1.pth")["epoch"] == 1
+    assert read_checkpoint(ckpts / "epoch_1.pth")["epoch"] == 1
     assert not (wd / "result.json").exists()
     q = run(*BASE, "--work-dir", str(wd), "--resume")
     assert q.returncode == 0, q.stderr[-3000:]
@@ -111,7 +111,7 @@ def test_sigkill_while_writing_the_result_leaves_no_partial_result(reference, tm
     assert p.returncode == KILLED, p.stderr[-2000:]
     assert not (wd / "result.json").exists()
     assert len(temp_files(wd)) == 1
-    assert load_checkpoint_file(wd / "checkpoints" / "epoch_2.pth")["epoch"] == 2
+    assert read_checkpoint(wd / "checkpoints" / "epoch_2.pth")["epoch"] == 2
     q = run(*BASE, "--work-dir", str(wd), "--resume")
     assert q.returncode == 0, q.stderr[-3000:]
     assert temp_files(wd) == []
@@ -130,7 +130,7 @@ def test_inf_loss_stops_with_status_failed_naming_the_iteration_and_term(tmp_pat
     r = RunResult.read(wd / "result.json")
     assert r.status == "failed" and any("iteration 5" in n for n in r.notes)
     assert sorted(x.name for x in (wd / "checkpoints").glob("epoch_*.pth")) == ["epoch_1.pth"]
-    assert load_checkpoint_file(wd / "checkpoints" / "epoch_1.pth")["epoch"] == 1
+    assert read_checkpoint(wd / "checkpoints" / "epoch_1.pth")["epoch"] == 1
 
 
 # --------------------------------------------------------------------------- data
@@ -290,11 +290,11 @@ def state_bytes(net, optimizer_moments: int = 2) -> int:
 
 
 def build(method: str, preset: str):
+    from benchmark.method_api import METHODS
     from benchmark.model import model_config_for
     from benchmark.presets import PRESETS, resolve
     from benchmark.protocol import PASCAL_CONTEXT as P
     from benchmark.run import build_net
-    from methods import METHODS
 
     s = resolve(P, PRESETS[preset])
     cfg = model_config_for(s.backbone, {t.name: t.out_channels for t in P.tasks}, img_size=s.image_size,
@@ -310,7 +310,7 @@ def test_peft_checkpoint_holds_trainable_state_only_and_reloads_exactly(referenc
     p = run(*args, "--work-dir", str(wd))
     assert p.returncode == 0, p.stderr[-3000:]
     ckpt_path = wd / "checkpoints" / "epoch_1.pth"
-    ckpt = load_checkpoint_file(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path)
     net = build("mtlora", "tiny")
     trainable = {n for n, q in net.named_parameters() if q.requires_grad}
     frozen = {n for n, q in net.named_parameters() if not q.requires_grad}

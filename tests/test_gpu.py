@@ -31,11 +31,11 @@ from mmengine.optim import OptimWrapper
 
 from benchmark import engine, perf
 from benchmark.losses import MultiTaskLoss
+from benchmark.method_api import METHODS
 from benchmark.model import MultiTaskModel, model_config_for
 from benchmark.official import strict_fp32
 from benchmark.params import count_parameters
 from benchmark.protocol import PASCAL_CONTEXT
-from methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {t.name: t.out_channels for t in PASCAL_CONTEXT.tasks}
@@ -264,7 +264,7 @@ def test_kill_after_a_checkpoint_then_resume_ends_with_the_metrics_of_the_uninte
     assert q.returncode == 0, q.stderr[-3000:]
     log = q.stdout + q.stderr
     assert "resumed from" in log and "epoch_1.pth" in log
-    ckpt = engine.load_checkpoint_file(wd / "checkpoints" / "epoch_2.pth")
+    ckpt = engine.read_checkpoint(wd / "checkpoints" / "epoch_2.pth")
     if device == "cuda":  # the AMP loss scaler travels in the checkpoint (weights_only load)
         assert ckpt["optimizer"]["loss_scaler"]["scale"] > 0
     result = json.loads((wd / "result.json").read_text())

@@ -15,6 +15,7 @@ from mmengine.runner import set_random_seed
 import benchmark.parity as parity
 from benchmark import workdir
 from benchmark.cli import main
+from benchmark.method_api import METHODS
 from benchmark.official import to_official_state_dict
 from benchmark.presets import PRESETS, resolve
 from benchmark.protocol import PASCAL_CONTEXT
@@ -22,7 +23,6 @@ from benchmark.results import make_run_id
 from benchmark.run import build_net
 from benchmark.run import model_config as _model_config
 from benchmark.safeload import CheckpointError, OfficialConfig, safe_load
-from methods import METHODS
 
 FORMATS = ("zip", "legacy", "plain_pickle")
 

@@ -14,12 +14,12 @@ from mmengine.runner import set_random_seed
 
 from benchmark import engine
 from benchmark.cli import SEED_MAX, main
+from benchmark.method_api import METHODS
 from benchmark.presets import PRESETS, resolve
 from benchmark.protocol import PASCAL_CONTEXT
 from benchmark.run import build_net, layer_widths
 from benchmark.run import model_config as _model_config
 from benchmark.sweep import SweepError, config_range_error, expand_grid, split_alternatives
-from methods import METHODS
 
 TINY_DIMS = layer_widths(_model_config(resolve(PASCAL_CONTEXT, PRESETS["tiny"]), PASCAL_CONTEXT))
 

@@ -14,8 +14,8 @@ import pytest
 
 from benchmark import workdir
 from benchmark.cli import main
+from benchmark.method_api import METHODS
 from benchmark.results import make_run_id
-from methods import METHODS
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 for _k in [k for k in ENV if k.startswith("MTPEFT_FAULT_")]:

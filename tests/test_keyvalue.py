@@ -11,9 +11,8 @@ from hypothesis import strategies as st
 
 from benchmark import perf
 from benchmark.keyvalue import split_pair, split_top_level
+from benchmark.method_api import METHODS, apply_overrides
 from benchmark.sweep import SweepError, parse_sets, split_alternatives
-from methods import METHODS
-from methods.base import apply_overrides
 
 ATOM = st.text(alphabet=string.ascii_letters + string.digits + "._-=", min_size=1, max_size=6)
 VALUE = st.one_of(ATOM, st.lists(ATOM, min_size=1, max_size=3).map(lambda xs: "[" + ",".join(xs) + "]"))

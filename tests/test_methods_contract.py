@@ -19,17 +19,17 @@ import pytest
 import torch
 
 from benchmark.losses import MultiTaskLoss
+from benchmark.method_api import METHODS
 from benchmark.model import MultiTaskModel, model_config_for
 from benchmark.params import count_parameters
 from benchmark.protocol import PASCAL_CONTEXT, PROTOCOLS, Protocol
 from benchmark.tasks import kind_of
-from methods import METHODS
 
 TASKS = {t.name: t.out_channels for t in PASCAL_CONTEXT.tasks}
 IMG = 64
 ROOT = Path(__file__).resolve().parents[1]
 # modules of methods/ and baselines/ that are infrastructure, not methods
-NOT_METHODS = {"methods", "methods.base", "methods.lora_ops", "baselines"}
+NOT_METHODS = {"methods", "methods.base", "benchmark.lora_ops", "baselines"}
 
 
 def _heads(protocol: Protocol) -> dict[str, int]:
@@ -156,21 +156,22 @@ def _method_modules() -> list[str]:
 def test_every_method_module_registers_a_name(module: str) -> None:
     registered = {METHODS.get(n).apply.__module__ for n in METHODS.names()}
     assert module in registered, (
-        f"{module} registers no method: give it a @register_method apply, and import it in methods/__init__.py"
+        f"{module} registers no method: give it a @register_method apply, and list it in benchmark.method_api.PLUGINS"
     )
 
 
-def test_importing_the_package_alone_registers_every_module() -> None:
-    """A fresh ``import methods`` (as the CLI does) must fill the registry: catches a forgotten import line."""
+def test_reading_the_registry_registers_every_module() -> None:
+    """A fresh process reading the core's registry (as the CLI does) registers every plug-in module: catches a
+    module missing from ``benchmark.method_api.PLUGINS``."""
     code = (
-        "import json, methods; "
-        "print(json.dumps(sorted({methods.METHODS.get(n).apply.__module__ for n in methods.METHODS.names()})))"
+        "import json; from benchmark.method_api import METHODS; "
+        "print(json.dumps(sorted({METHODS.get(n).apply.__module__ for n in METHODS.names()})))"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     registered = set(json.loads(done.stdout.strip().splitlines()[-1]))
     missing = [m for m in _method_modules() if m not in registered]
-    assert not missing, f"modules whose methods a plain `import methods` does not register: {missing}"
+    assert not missing, f"modules whose methods the core's registry does not register: {missing}"
 
 
 def test_mtlora_task_streams_heads_and_breakdown_follow_the_protocol() -> None:

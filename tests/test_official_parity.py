@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmark.lean_fixtures import LeanError, lean_model_fixture, resize_heads
+from benchmark.method_api import METHODS
 from benchmark.model import MultiTaskModel, SwinBackbone, SwinConfig, model_config_for
 from benchmark.official import (
     CheckpointError,
@@ -21,7 +22,6 @@ from benchmark.official import (
     to_official_state_dict,
 )
 from benchmark.official_train import parity_checks as train_parity_checks
-from methods import METHODS
 from methods.mtlora import MTLoRAPlusConfig
 
 
@@ -108,7 +108,7 @@ def test_the_official_lr_lag_is_what_the_fixture_recorded(fixture_dir: Path) -> 
     departure (docs/protocol.md), and without the option the recorded rates are not reproduced."""
     from dataclasses import replace
 
-    from benchmark.engine import make_schedule
+    from benchmark.optim import make_schedule
     from benchmark.protocol import PASCAL_CONTEXT
 
     st = torch.load(fixture_dir / "train_public.pt", weights_only=True)["settings"]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmark.method_api import METHODS
 from benchmark.model import MultiTaskModel, model_config_for
 from benchmark.params import count_parameters
-from methods import METHODS
 
 TASKS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3}
 DECODERS = 1_946_624

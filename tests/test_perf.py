@@ -19,11 +19,11 @@ from torch import nn
 import methods.mtlora as mtlora_mod
 from baselines.lora import FastLoraLinear, LoRAConfig, inject, peft_config, set_lora_form
 from benchmark import perf
+from benchmark.lora_ops import choose_form, drop_positions, fast_dropout, lora_linear, record_forms
+from benchmark.method_api import METHODS, apply_overrides, parse_checkpoint_stages
 from benchmark.model import MultiTaskModel, model_config_for
-from methods import METHODS
-from methods.base import apply_overrides, merge_for_eval
-from methods.lora_ops import choose_form, drop_positions, fast_dropout, lora_linear, record_forms
-from methods.mtlora import MTLoRALinear, parse_checkpoint_stages
+from benchmark.peft_tools import merge_for_eval
+from methods.mtlora import MTLoRALinear
 
 TASKS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3}
 

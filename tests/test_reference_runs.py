@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
+from benchmark.method_api import METHODS
 from benchmark.reference_runs import RUN_K, compare, golden_entry, load_golden, run_reference
-from methods import METHODS
 
 
 def test_every_registered_method_has_a_golden_reference_run():

@@ -8,8 +8,7 @@ import json
 import pytest
 
 from baselines.lora import LoRAConfig
-from methods import METHODS, register_method
-from methods.base import MethodConfig, apply_overrides
+from benchmark.method_api import METHODS, MethodConfig, apply_overrides, register_method
 
 
 def test_unknown_method_lists_known_ones_and_the_closest() -> None:
@@ -89,8 +88,7 @@ def test_every_config_field_is_settable_from_text(name: str) -> None:
 
 
 def test_alias_and_single_value_for_a_per_stage_tuple():
-    from methods import METHODS
-    from methods.base import apply_overrides
+    from benchmark.method_api import METHODS, apply_overrides
 
     mt = METHODS.get("mtlora")
     assert apply_overrides(mt.default_config(), ["rank=16"]).shared_rank == (16, 16, 16, 16)
@@ -101,3 +99,43 @@ def test_alias_and_single_value_for_a_per_stage_tuple():
     assert apply_overrides(lora.default_config(), ['targets=["qkv"]']).targets == ("qkv",)
     with pytest.raises(ValueError, match="targets"):
         apply_overrides(lora.default_config(), ["targets=qkv"])
+
+
+def test_the_core_imports_the_plugins_only_when_the_registry_is_read():
+    """``benchmark.method_api`` names the plug-ins as strings: importing it loads none; the first read loads all."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, json; from benchmark.method_api import METHODS, PLUGINS; "
+        "before = [m for m in PLUGINS if m in sys.modules]; n = len(METHODS); "
+        "after = [m for m in PLUGINS if m in sys.modules]; print(json.dumps([before, after, n, list(PLUGINS)]))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    before, after, n, plugins = json.loads(done.stdout.strip().splitlines()[-1])
+    assert before == [] and after == plugins and n == len(METHODS.names())
+
+
+def test_capabilities_are_reached_through_the_registry():
+    import torch
+
+    from benchmark.build import build_net, no_checkpointing_message
+    from benchmark.model import model_config_for
+
+    able = METHODS.with_capability("activation_checkpointing")
+    assert able == [n for n in METHODS.names() if METHODS.get(n).activation_checkpointing is not None]
+    assert "mtlora" in able and "lora" not in able
+    assert no_checkpointing_message("lora").endswith(", ".join(able))
+    cfg = model_config_for("swin_micro", {"semseg": 21, "sal": 1})
+    torch.manual_seed(0)
+    net = build_net(METHODS.get("mtlora"), METHODS.get("mtlora").default_config(), cfg, None, "1,3")
+    assert net.backbone.checkpoint == frozenset({0, 2})
+    with pytest.raises(ValueError, match="--activation-checkpointing: method 'lora' has no checkpointing backbone"):
+        build_net(METHODS.get("lora"), METHODS.get("lora").default_config(), cfg, None, "all")
+    # every method has a merge; the official-checkpoint support is declared by the two official code bases' methods
+    assert all(callable(METHODS.get(n).merge_for_eval) for n in METHODS.names())
+    assert sorted(n for n in METHODS.names() if METHODS.get(n).official is not None) == ["mtlora", "tadformer"]
+    assert set(METHODS.get("lora").variants) == {"peft_reference"}

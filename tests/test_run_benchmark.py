@@ -143,9 +143,9 @@ def test_nan_loss_stops_with_status_failed_and_keeps_the_checkpoint(tmp_path):
     assert r["status"] == "failed" and any("iteration 5" in n for n in r["notes"])
     ckpts = sorted(x.name for x in (wd / "checkpoints").iterdir())
     assert ckpts == ["epoch_1.pth"]
-    from benchmark.engine import load_checkpoint_file
+    from benchmark.checkpoints import read_checkpoint
 
-    assert load_checkpoint_file(wd / "checkpoints" / "epoch_1.pth")["epoch"] == 1
+    assert read_checkpoint(wd / "checkpoints" / "epoch_1.pth")["epoch"] == 1
 
 
 def test_dry_run_json_gives_the_official_full_ft_count():
@@ -177,7 +177,7 @@ def test_list_shows_methods_with_fields():
         (["--method", "full_ft", "--image-size", "100", "--dry-run"], "image size 100"),
         (["--method", "full_ft", "--eval-only", "--preset", "tiny"], "--eval-only needs --checkpoint"),
         (["--method", "full_ft", "--preset", "huge"], "unknown preset 'huge'"),
-        (["--method", "lora", "--activation-checkpointing", "--dry-run"], "it is available for mtlora, mtlora_plus"),
+        (["--method", "lora", "--activation-checkpointing", "--dry-run"], "for the methods mtlora, mtlora_plus"),
         (["--method", "mtlora", "--activation-checkpointing", "5", "--dry-run"], "stage numbers 1-4"),
         (["--method", "lora", "--preset", "tiny", "--activation-checkpointing"], "it is available for mtlora"),
         (["--method", "lora", "--protocol", "nyd", "--dry-run"], "unknown protocol 'nyd'; known: ['nyud'"),

@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from conftest import fp32_tolerances
 from torch import nn
 
+from benchmark.method_api import METHODS
 from benchmark.model import MultiTaskModel, SwinConfig, model_config_for
 from benchmark.official import build_from_fixture_config, parity_checks
 from benchmark.params import count_parameters
+from benchmark.peft_tools import merge_for_eval
 from benchmark.reference_runs import compare, load_golden, run_reference
-from methods import METHODS
-from methods.base import merge_for_eval
 from methods.tadformer import (
     DynamicTaskFilter,
     TADFormerBackbone,

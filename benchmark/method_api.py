@@ -1,26 +1,52 @@
-"""The method registry: a PEFT method is a frozen config dataclass plus a registered ``apply``.
+"""The method API of the core: what a PEFT method is, the registry, and how the core finds the plug-ins.
 
-``apply(model, cfg)`` receives a freshly built ``benchmark.model.MultiTaskModel`` (everything trainable)
-and returns the module to train: usually the same model with a frozen backbone and adapters injected;
-``single_task`` returns a different module with the same ``forward(image) -> {task: output}``.
+A method is a frozen config dataclass (:class:`MethodConfig`) plus a registered ``apply(model, cfg)``, which
+receives a freshly built ``benchmark.model.MultiTaskModel`` (everything trainable) and returns the module to
+train: usually the same model with a frozen backbone and adapters injected; ``single_task`` returns a different
+module with the same ``forward(image) -> {task: output}``.
+
+Methods live in two sibling plug-in packages, ``methods/`` and ``baselines/``, one file each; each file registers
+its methods with :func:`register_method`. The core never imports them by name: :data:`PLUGINS` lists every
+plug-in module as a string, imported (``importlib``) the first time the registry :data:`METHODS` is read. What a
+method can do beyond ``apply`` is declared on its :class:`MethodSpec` and reached through the registry:
+``merge_for_eval`` (evaluation with merged adapters), ``activation_checkpointing``, ``official`` (the official
+code base's fixtures and checkpoint names) and ``variants`` (alternative appliers of the same config).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import sys
 import types
 import typing
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
+from benchmark.peft_tools import merge_for_eval
 from benchmark.registry import Registry
+
+# Every plug-in module, one line each: the only place the core names a method's module. A module missing here
+# never registers its methods (tests/test_layering.py compares this list with the files of methods/ and
+# baselines/).
+PLUGINS: tuple[str, ...] = (
+    "methods.mtlora",  # mtlora, mtlora_plus
+    "methods.tadformer",  # tadformer, tadformer_release
+    "baselines.full_ft",
+    "baselines.decoders_only",
+    "baselines.single_task",
+    "baselines.bitfit",
+    "baselines.relative_bias",
+    "baselines.vpt",  # vpt_shallow, vpt_deep
+    "baselines.adapter",  # adapter, vl_adapter
+    "baselines.lora",
+    "baselines.peft_bridge",  # dora, loha, lokr, ia3, vera, oft
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +76,27 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
+class OfficialSupport:
+    """How a method meets the official code base (``benchmark.official``): its parity fixtures and checkpoints.
+
+    ``claims(config)``: this fixture ``config`` describes this method (exactly one registered method may claim a
+    fixture). ``config_from_fixture(config, lora_dropout)``: the method config it describes, every value read from
+    it (ValueError on what this implementation cannot represent; ``lora_dropout`` overrides the training-only
+    noise); the registered method whose ``config_cls`` is that config's class builds the model.
+    ``wraps_linear(module)``: the module wraps a linear whose weight and bias the official state dict names
+    ``<module>.linear.weight`` / ``.bias`` (MTLoRA's layers).
+    """
+
+    claims: Callable[[Mapping[str, Any]], bool]
+    config_from_fixture: Callable[[Mapping[str, Any], float | None], MethodConfig]
+    wraps_linear: Callable[[nn.Module], bool] = lambda module: False
+
+
+MergeForEval = Callable[[nn.Module], AbstractContextManager[int]]
+ActivationCheckpointing = Callable[[nn.Module, "bool | frozenset[int]"], int]
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     name: str
     config_cls: type[MethodConfig]
@@ -68,6 +115,17 @@ class MethodSpec:
     # source and printed value, or why none ("configuration unknown: ...", "not a published row")
     configuration: str = ""
     reproduces: str = ""
+    # capabilities, reached through the registry (never by importing the method):
+    # evaluation with adapters folded into the weights; yields the number of merged layers, restores on exit
+    merge_for_eval: MergeForEval = merge_for_eval
+    # set activation checkpointing (True / False / 0-based stages) on the applied model; returns how many
+    # backbones took it (0: nothing to set). None: the method has none
+    activation_checkpointing: ActivationCheckpointing | None = None
+    # the official code base's fixtures and checkpoint names (None: not a method of that code base)
+    official: OfficialSupport | None = None
+    # alternative appliers of the same config, by name (e.g. lora's "peft_reference": peft's own layers, the
+    # anchor benchmark.perf measures the fast layers against)
+    variants: Mapping[str, Callable[[nn.Module, Any], nn.Module]] = field(default_factory=dict, compare=False)
 
     def default_config(self) -> MethodConfig:
         return self.config_cls()
@@ -82,7 +140,60 @@ class MethodSpec:
         return [(f.name, _type_name(hints[f.name]), getattr(cfg, f.name)) for f in dataclasses.fields(self.config_cls)]
 
 
-METHODS: Registry[MethodSpec] = Registry("method")
+class PluginRegistry(Registry[MethodSpec]):
+    """The method registry: reading it (``get``, ``names``, ``in``, iteration, ``len``) first imports every
+    module of ``plugins``, which register themselves with :func:`register_method`."""
+
+    def __init__(self, kind: str, plugins: Sequence[str]) -> None:
+        super().__init__(kind)
+        self.plugins = tuple(plugins)
+        self._loaded = False
+
+    def load(self) -> PluginRegistry:
+        if not self._loaded:
+            self._loaded = True  # set first: a plug-in that reads the registry while importing sees no recursion
+            try:
+                for module in self.plugins:
+                    importlib.import_module(module)
+            except BaseException:
+                self._loaded = False
+                raise
+        return self
+
+    def get(self, name: str) -> MethodSpec:
+        self.load()
+        return super().get(name)
+
+    def unknown_message(self, name: str) -> str:
+        self.load()
+        return super().unknown_message(name)
+
+    def names(self) -> list[str]:
+        self.load()
+        return super().names()
+
+    def __contains__(self, name: object) -> bool:
+        self.load()
+        return super().__contains__(name)
+
+    def __len__(self) -> int:
+        self.load()
+        return super().__len__()
+
+    def specs(self) -> list[MethodSpec]:
+        return [self.get(n) for n in self.names()]
+
+    def with_capability(self, capability: str) -> list[str]:
+        """Names of the methods whose ``capability`` field is set (e.g. ``"activation_checkpointing"``)."""
+        return [s.name for s in self.specs() if getattr(s, capability) is not None]
+
+
+METHODS: PluginRegistry = PluginRegistry("method", PLUGINS)
+
+
+def method_registry() -> PluginRegistry:
+    """The method registry with every plug-in registered."""
+    return METHODS.load()
 
 
 def register_method(
@@ -95,12 +206,14 @@ def register_method(
     description: str | None = None,
     configuration: str = "",
     reproduces: str = "",
+    merge_for_eval: MergeForEval = merge_for_eval,
+    activation_checkpointing: ActivationCheckpointing | None = None,
+    official: OfficialSupport | None = None,
+    variants: Mapping[str, Callable[[nn.Module, Any], nn.Module]] | None = None,
 ) -> Callable[[Callable[[nn.Module, Any], nn.Module]], Callable[[nn.Module, Any], nn.Module]]:
     """Register ``apply`` under ``name``; the description defaults to its module docstring's first line."""
 
     def add(fn: Callable[[nn.Module, Any], nn.Module]) -> Callable[[nn.Module, Any], nn.Module]:
-        import sys
-
         text = description if description is not None else sys.modules[fn.__module__].__doc__ or fn.__doc__
         doc = (text or "").strip().splitlines()
         METHODS.add(
@@ -116,6 +229,10 @@ def register_method(
                 tuple(no_grad_params),
                 configuration,
                 reproduces,
+                merge_for_eval,
+                activation_checkpointing,
+                official,
+                dict(variants or {}),
             ),
         )
         return fn
@@ -123,154 +240,22 @@ def register_method(
     return add
 
 
-# --------------------------------------------------------------------------- helpers for apply()
-
-
-def freeze(module: nn.Module) -> None:
-    for p in module.parameters():
-        p.requires_grad_(False)
-
-
-def unfreeze_matching(module: nn.Module, substrings: Iterable[str]) -> int:
-    """Make trainable every parameter whose name contains one of ``substrings``; returns the count."""
-    subs = tuple(substrings)
-    n = 0
-    for name, p in module.named_parameters():
-        if any(s in name for s in subs):
-            p.requires_grad_(True)
-            n += p.numel()
-    return n
-
-
-# --------------------------------------------------------------------------- one copy of the tuned parameters per task
-
-
-class PerTaskBackbone(nn.Module):
-    """A frozen backbone run once per task, each task with its own copy of some of its parameters.
-
-    The per-task form of the Polyhistor / MTLoRA Table 1 baselines: the parameters named in ``names`` are taken
-    out of ``backbone`` and every task gets its own trainable copy (starting from the same values), stored under
-    ``task_params.<task>.<the original name>`` so every name keeps its markers (``relative_position_bias_table``,
-    ``.bias``, ``adapter_``, ``prompt``, ``lora_``). ``forward`` runs the backbone once per task with that task's
-    copies in place (``torch.func.functional_call``) and returns ``{task: features}``, as MTLoRA's task streams.
-    Parameters not named stay in the backbone, shared by all tasks (frozen, or trainable: e.g. the shared
-    relative-position tables of the per-task adapter).
-
-    Outside ``forward`` the backbone does not hold the per-task parameters at all, so nothing may merge them into
-    its weights: ``merge_for_eval`` leaves this module alone (``mergeable = False``).
-    """
-
-    mergeable = False
-
-    def __init__(self, backbone: nn.Module, tasks: Sequence[str], names: Iterable[str]) -> None:
-        super().__init__()
-        self.names = tuple(names)
-        self.tasks = tuple(tasks)
-        if not self.names:
-            raise ValueError("per-task mode: no backbone parameter to copy per task")
-        if not self.tasks:
-            raise ValueError("per-task mode: no tasks")
-        self.shared = backbone
-        self.feature_channels = getattr(backbone, "feature_channels", None)
-        self.task_params = nn.ModuleDict({t: nn.Module() for t in self.tasks})
-        for name in self.names:
-            owner_name, _, leaf = name.rpartition(".")
-            owner = backbone.get_submodule(owner_name)
-            p = owner._parameters.pop(leaf)  # the backbone no longer holds it: one copy per task instead
-            if p is None:
-                raise ValueError(f"per-task mode: {name} is not a parameter")
-            for t in self.tasks:
-                holder = self.task_params[t]
-                for part in owner_name.split(".") if owner_name else []:
-                    if not hasattr(holder, part):
-                        holder.add_module(part, nn.Module())
-                    holder = getattr(holder, part)
-                holder.register_parameter(leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
-
-    def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
-        """``{name in the backbone: this task's copy}``."""
-        holder = self.task_params[task]
-        return {n: holder.get_parameter(n) for n in self.names}
-
-    def forward(self, x: torch.Tensor) -> dict[str, Any]:
-        from torch.func import functional_call
-
-        return {t: functional_call(self.shared, self.task_parameters(t), (x,)) for t in self.tasks}
-
-
-def tune_per_task(model: nn.Module, keep_shared: Callable[[str], bool] = lambda name: False) -> nn.Module:
-    """Turn a method applied in its shared form into its per-task form: every trainable backbone parameter
-    (except those ``keep_shared`` names) gets one copy per task (:class:`PerTaskBackbone`)."""
-    names = [n for n, p in model.backbone.named_parameters() if p.requires_grad and not keep_shared(n)]
-    model.backbone = PerTaskBackbone(model.backbone, model.tasks, names)
-    return model
-
-
-# --------------------------------------------------------------------------- evaluation with merged adapters
-
-
-def _is_peft_tuner_layer(m: nn.Module) -> bool:
-    # duck-typed so that this module needs no peft import: peft's BaseTunerLayer API
-    return all(hasattr(m, a) for a in ("merged_adapters", "get_base_layer", "merge", "unmerge"))
-
-
-def _merge_layer(m: nn.Module) -> Callable[[], None] | None:
-    """Merge one layer's adapter into its weights; returns the function that restores them exactly."""
-    if getattr(m, "exact_unmerge", False):  # layers that keep their frozen weight themselves (MTLoRALinear)
-        return m.unmerge if m.merge() else None
-    if not _is_peft_tuner_layer(m) or m.merged or not m.active_adapters:
-        return None
-    base = m.get_base_layer()
-    saved = {n: p.detach().clone() for n, p in base.named_parameters(recurse=False)}
-    m.merge()
-    if not m.merged:  # nothing to merge (e.g. no active adapter on this layer)
-        return None
-
-    @torch.no_grad()
-    def restore() -> None:
-        with warnings.catch_warnings():  # e.g. "Unmerge result can be inaccurate for (IA)^3": the copy fixes it
-            warnings.simplefilter("ignore")
-            m.unmerge()  # peft's own bookkeeping; its arithmetic inverse is not exact, so copy the saved values back
-        params = dict(base.named_parameters(recurse=False))
-        for n, v in saved.items():
-            params[n].copy_(v)
-
-    return restore
-
-
-def _mergeable_modules(net: nn.Module) -> Iterator[nn.Module]:
-    """``net.modules()`` without the subtrees of modules that say ``mergeable = False`` (:class:`PerTaskBackbone`)."""
-    seen: set[int] = set()
-    stack = [net]
-    while stack:
-        m = stack.pop()
-        if id(m) in seen or getattr(m, "mergeable", True) is False:
-            continue
-        seen.add(id(m))
-        yield m
-        stack.extend(reversed(list(m.children())))
-
-
-@contextmanager
-def merge_for_eval(net: nn.Module) -> Iterator[int]:
-    """Fold LoRA-family updates into the frozen weights while evaluating; the exact weights come back on exit.
-
-    Merges peft tuner layers (``lora`` and the peft bridge: LoRA, DoRA, LoHa, LoKr, IA3, VeRA, OFT, through
-    peft's ``merge``) and layers that restore themselves exactly (``exact_unmerge = True``: MTLoRA's shared
-    branch). Yields the number of merged layers (0 for methods without mergeable adapters). Evaluation only:
-    the model must not train, nor be saved, while merged (peft layers would save the merged weights).
-    """
-    restores: list[Callable[[], None]] = []
-    try:
-        with torch.no_grad():
-            for m in _mergeable_modules(net):
-                r = _merge_layer(m)
-                if r is not None:
-                    restores.append(r)
-        yield len(restores)
-    finally:
-        for r in reversed(restores):
-            r()
+def parse_checkpoint_stages(text: str, n_stages: int = 4) -> bool | frozenset[int]:
+    """``"all"`` -> True, ``"none"`` -> False, ``"1"`` / ``"1,2"`` / ``"1+2"`` (1-based stage numbers) -> the
+    0-based stage set a method's ``activation_checkpointing`` takes; anything else is a ValueError naming what is
+    expected."""
+    value = text.strip().lower()
+    if value in ("all", "true"):
+        return True
+    if value in ("none", "false", ""):
+        return False
+    parts = [p for p in value.replace("+", ",").split(",") if p]
+    if not parts or not all(p.isdigit() and 1 <= int(p) <= n_stages for p in parts):
+        raise ValueError(
+            f"activation checkpointing {text!r}: expected 'all', 'none' or stage numbers 1-{n_stages} "
+            "separated by ',' or '+' (e.g. '1' or '1,2')"
+        )
+    return frozenset(int(p) - 1 for p in parts)
 
 
 # --------------------------------------------------------------------------- --set key=value parsing
