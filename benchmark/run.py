@@ -537,6 +537,7 @@ def setup_for(spec: RunSpec, procs: Processes, net: Any, val_ds: Any, train_ds: 
         log_interval=s.log_interval,
         meta=dict(spec.meta),
         collate_fn=collate,
+        merge=spec.method_spec.merge_for_eval,
     )
 
 
