@@ -26,6 +26,7 @@ import os
 import sys
 from pathlib import Path
 
+from benchmark.protocol import PROTOCOLS
 from benchmark.run import UsageError  # bad input: exit code 2
 
 
@@ -38,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the registered methods with their config fields")
     p.add_argument("--method", nargs="+", metavar="NAME", help="registered method name(s); several make a sweep")
     p.add_argument("--preset", default="paper", help="paper (the protocol exactly) or smoke (tiny, CPU, debug)")
-    p.add_argument("--protocol", default="pascal-context", help="protocol name: pascal-context (default) or nyud")
+    p.add_argument(
+        "--protocol",
+        default="pascal-context",
+        help=f"protocol name: one of {', '.join(PROTOCOLS)} (default: pascal-context)",
+    )
     p.add_argument(
         "--data",
         type=Path,
