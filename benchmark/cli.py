@@ -83,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output (with --dry-run / --list)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--workers", type=int, help="data-loader workers per process")
-    p.add_argument("--amp-dtype", choices=["float16", "bfloat16", "none"], default="float16", help="AMP on CUDA")
+    p.add_argument(
+        "--amp-dtype",
+        choices=["protocol", "float16", "bfloat16", "none"],
+        default="protocol",
+        help="autocast dtype on CUDA (default: the protocol's, float16 where it says AMP, else none: fp32)",
+    )
     p.add_argument("--dist-timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
     p.add_argument(
         "--activation-checkpointing",

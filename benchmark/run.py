@@ -182,8 +182,10 @@ class RunSpec:
         settings: RunSettings,
         **options: Any,
     ) -> RunSpec:
-        """The method's default config with ``overrides`` applied; ``options``: the other fields."""
+        """The method's default config with ``overrides`` applied; ``options``: the other fields. Without an
+        ``amp_dtype`` the protocol's ``amp`` decides (float16 autocast on CUDA, or fp32)."""
         config = apply_overrides(method_registry().get(method).default_config(), overrides)
+        options.setdefault("amp_dtype", "float16" if protocol.amp else None)
         return cls(protocol, method, tuple(overrides), config, seed, settings, **options)
 
     @classmethod
@@ -256,7 +258,8 @@ class RunSpec:
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The RunSpec fields that ``run_benchmark``'s flags set besides protocol, method, config, seed, settings."""
-    return {
+    amp = {} if args.amp_dtype == "protocol" else {"amp_dtype": None if args.amp_dtype == "none" else args.amp_dtype}
+    return amp | {
         "data": args.data,
         "work_dir": args.work_dir,
         "device": args.device,
@@ -268,7 +271,6 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "pretrained": args.pretrained,
         "activation_checkpointing": args.activation_checkpointing,
         "workers": args.workers,
-        "amp_dtype": None if args.amp_dtype == "none" else args.amp_dtype,
         "dist_timeout": args.dist_timeout,
     }
 

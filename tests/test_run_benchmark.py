@@ -179,7 +179,10 @@ def test_list_shows_methods_with_fields():
         (["--method", "full_ft", "--preset", "huge"], "unknown preset 'huge'"),
         (["--method", "lora", "--activation-checkpointing", "--dry-run"], "for the methods mtlora, mtlora_plus"),
         (["--method", "mtlora", "--activation-checkpointing", "5", "--dry-run"], "stage numbers 1-4"),
-        (["--method", "lora", "--preset", "tiny", "--activation-checkpointing"], "it is available for the methods mtlora"),
+        (
+            ["--method", "lora", "--preset", "tiny", "--activation-checkpointing"],
+            "it is available for the methods mtlora",
+        ),
         (["--method", "lora", "--protocol", "nyd", "--dry-run"], "unknown protocol 'nyd'; known: ['nyud'"),
     ],
 )

@@ -165,3 +165,17 @@ def test_the_protocol_reaches_data_transforms_synthetic_data_and_meters(monkeypa
         ("dataset", "nyud", root, "train", "tf-True"),
         ("meters", ("semseg", "depth", "normals")),
     ]
+
+
+def test_amp_follows_the_protocol_unless_a_flag_says_otherwise(monkeypatch):
+    """``Protocol.amp`` is read: the default autocast dtype is float16 where the protocol says AMP and fp32 where
+    it does not; an explicit --amp-dtype wins either way."""
+    import benchmark.protocol as protocol_mod
+
+    assert RunSpec.from_args(_args(), "lora").amp_dtype == ("float16" if PASCAL_CONTEXT.amp else None)
+    no_amp = dataclasses.replace(PASCAL_CONTEXT, amp=False)
+    monkeypatch.setitem(protocol_mod.PROTOCOLS, PASCAL_CONTEXT.name, no_amp)
+    assert RunSpec.from_args(_args(), "lora").amp_dtype is None
+    assert RunSpec.from_args(_args("--amp-dtype", "bfloat16"), "lora").amp_dtype == "bfloat16"
+    monkeypatch.setitem(protocol_mod.PROTOCOLS, PASCAL_CONTEXT.name, PASCAL_CONTEXT)
+    assert RunSpec.from_args(_args("--amp-dtype", "none"), "lora").amp_dtype is None
