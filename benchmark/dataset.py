@@ -375,26 +375,3 @@ def dataset_ready(protocol: Protocol, root: str | os.PathLike[str]) -> bool:
     except (DatasetError, OSError):
         return False
     return True
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Names that lived here before the data sources had modules of their own (PASCAL's), and the transforms
-
-
-_MOVED = {
-    "benchmark.pascal_data": (
-        "PascalMT", "FILES", "SPLIT_FILE", "TASKS", "HUMAN_PART_GROUPS", "NUM_HUMAN_PARTS", "NUM_SEMSEG_CLASSES",
-        "PERSON_CLASS", "CACHE_ENV", "SIZE_MISMATCH", "PartObject", "default_cache_dir", "human_parts_map",
-        "load_label", "normals_valid_context_ids", "part_categories", "parts_index", "read_labelmap",
-        "read_normals_png", "read_part_objects", "read_sal", "read_semseg", "read_split", "semseg_path",
-        "_normals_valid",
-    ),
-    "benchmark.transforms": ("build_transforms", "MultiTaskTransform"),
-}  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    for module, names in _MOVED.items():
-        if name in names:
-            return getattr(importlib.import_module(module), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,16 +39,14 @@ from mmengine.model import BaseModel
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.optim.scheduler.lr_scheduler import LRSchedulerMixin
 from mmengine.optim.scheduler.param_scheduler import _ParamScheduler
-from mmengine.runner import Runner, set_random_seed  # noqa: F401  (set_random_seed: for benchmark.run)
+from mmengine.runner import Runner, set_random_seed  # noqa: F401  (the run seeds through here: mmengine stays in this module)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from benchmark.checkpoints import (  # noqa: F401  (re-exported: the run's checkpoint names)
+from benchmark.checkpoints import (
     CKPT_FORMAT,
     CKPT_PATTERN,
     CKPT_VERSION,
-    RESUME_KEYS,
-    ResumeMismatchError,
     check_resume_settings,
     frozen_fingerprint,
     is_own_checkpoint,
@@ -60,7 +58,7 @@ from benchmark.checkpoints import (  # noqa: F401  (re-exported: the run's check
 )
 from benchmark.method_api import MergeForEval
 from benchmark.metrics import per_image_blob, results_delta_m
-from benchmark.optim import Schedule, make_schedule, param_groups, steps_per_epoch  # noqa: F401  (re-exported)
+from benchmark.optim import Schedule, param_groups
 from benchmark.peft_tools import merge_for_eval
 from benchmark.protocol import Protocol
 from benchmark.safeload import CheckpointError  # one error type for every checkpoint problem

@@ -18,14 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.backbones import (  # noqa: F401  (re-exported: the Swin names callers know)
-    BACKBONES,
-    BackboneOutput,
-    Features,
-    SwinBackbone,
-    SwinConfig,
-    build_backbone,
-)
+from benchmark.backbones import BACKBONES, Features, SwinConfig, build_backbone
 
 SWIN_VARIANTS: dict[str, SwinConfig] = {e.name: e.config for e in BACKBONES.entries()}  # the Swin rows of the registry
 

@@ -34,14 +34,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmark.checkpoints import (  # noqa: F401  (required_state_keys, refuse_incomplete: re-exported)
+from benchmark.backbones import SwinConfig
+from benchmark.checkpoints import (
     STRUCTURAL_BUFFERS,
     read_weights,
     refuse_incomplete,
-    required_state_keys,
 )
 from benchmark.method_api import METHODS
-from benchmark.model import ModelConfig, MultiTaskModel, SwinConfig
+from benchmark.model import ModelConfig, MultiTaskModel
 from benchmark.params import count_parameters
 from benchmark.parity import Check
 from benchmark.safeload import CheckpointError, safe_load

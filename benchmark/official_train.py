@@ -2,8 +2,8 @@
 
 The model is built from the ``config`` of the companion model fixture named in ``uses_state_dict_of`` and loaded
 with its ``state_dict``; it is then trained with the pieces a real run uses: ``benchmark.engine.build_optim_wrapper``
-(AdamW over ``engine.param_groups``, clipping in mmengine's ``OptimWrapper``), the run's ``Schedule`` built by
-``engine.make_schedule`` from the fixture's config learning rates (with ``official_lr_lag``, the official
+(AdamW over ``optim.param_groups``, clipping in mmengine's ``OptimWrapper``), the run's ``Schedule`` built by
+``optim.make_schedule`` from the fixture's config learning rates (with ``official_lr_lag``, the official
 one-iteration lag, see docs/protocol.md), the run's ``MultiTaskLoss`` with the fixture's task weights, and
 ``EngineModel.train_step`` followed by the schedulers' step, which is what mmengine's loop and its
 ``ParamSchedulerHook`` do every iteration. Every setting is read from the file.
@@ -98,7 +98,7 @@ def _companion(path: Path, fx: Mapping[str, Any]) -> Path:
 
 def parity_checks(train_fixture_path: Path) -> list[Check]:
     """Every comparison between this harness's training loop and one official ``train_*.pt`` fixture."""
-    from benchmark import engine
+    from benchmark import engine, optim
     from benchmark.official import (
         build_from_fixture_config,
         fixture_loss,
@@ -142,7 +142,7 @@ def parity_checks(train_fixture_path: Path) -> list[Check]:
         min_lr=float(st["config_min_lr"]),
         warmup_epochs=float(st["warmup_epochs"]),
     )
-    schedule = replace(engine.make_schedule(protocol, total_batch, ipe, epochs), official_lr_lag=True)
+    schedule = replace(optim.make_schedule(protocol, total_batch, ipe, epochs), official_lr_lag=True)
     for key, ours in (
         ("peak_lr", schedule.peak_lr),
         ("warmup_lr_init", schedule.warmup_lr),

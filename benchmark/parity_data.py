@@ -106,18 +106,13 @@ def pascal_parity_checks(
     with tempfile.TemporaryDirectory(prefix="mtpeft-parity-") as cache:
         ds = PascalMT(root, fx["split"], TASKS, transform, cache_dir=cache, size_mismatch="resize")
         flags = ds.has_human_parts
-    fx_ids = list(fx["ids"])
-    same_order = ds.ids == fx_ids
-    detail = "" if same_order else f"loader order {ds.ids[:5]}... vs fixture {fx_ids[:5]}..."
-    checks.append(Check(f"{stem}/ids", 0.0 if same_order else 1.0, 0.0, same_order, detail))
-    position = {i: n for n, i in enumerate(ds.ids)}
-    for image_id in fx_ids:
+    position = _id_order(stem, ds.ids, list(fx["ids"]), checks)
+    for image_id in fx["ids"]:
         expected = fx["samples"][image_id]
         name = f"{stem}/{image_id}"
-        if image_id not in position:
-            checks.append(Check(name, float("inf"), 0.0, False, "id not in the loader's split"))
+        n = _position(name, image_id, position, checks)
+        if n is None:
             continue
-        n = position[image_id]
         sample = ds[n]
         for key in ("image", *TASKS):
             tol = image_tol if key == "image" else 0.0
@@ -152,6 +147,21 @@ def pascal_parity_checks(
 
 # ---------------------------------------------------------------------------------------------------------------
 # NYUD
+
+
+def _id_order(stem: str, loader_ids: list[str], fixture_ids: list[str], checks: list[Check]) -> dict[str, int]:
+    """Check the loader's id order against the fixture's; each id's index in the loader."""
+    detail = f"loader order {loader_ids[:5]}... vs fixture {fixture_ids[:5]}..."
+    checks.append(_exact(f"{stem}/ids", loader_ids, fixture_ids, detail))
+    return {i: n for n, i in enumerate(loader_ids)}
+
+
+def _position(name: str, image_id: str, position: dict[str, int], checks: list[Check]) -> int | None:
+    """The loader's index of ``image_id``, or None after a failed check when the loader's split lacks it."""
+    if image_id not in position:
+        checks.append(Check(name, float("inf"), 0.0, False, "id not in the loader's split"))
+        return None
+    return position[image_id]
 
 
 def _exact(name: str, ours: Any, expected: Any, detail: str = "") -> Check:
@@ -316,16 +326,13 @@ def nyud_parity_checks(
 
     ds = NYUDMT(root, fx["split"], tasks, transform(False), semseg_out_of_range="keep")
     clamp = transform(False, "clamp")
-    fx_ids = list(fx["ids"])
-    checks.append(_exact(f"{stem}/ids", ds.ids, fx_ids, f"loader order {ds.ids[:5]}... vs fixture {fx_ids[:5]}..."))
-    position = {i: n for n, i in enumerate(ds.ids)}
-    for image_id in fx_ids:
+    position = _id_order(stem, ds.ids, list(fx["ids"]), checks)
+    for image_id in fx["ids"]:
         expected = fx["samples"][image_id]
         name = f"{stem}/{image_id}"
-        if image_id not in position:
-            checks.append(Check(name, float("inf"), 0.0, False, "id not in the loader's split"))
+        n = _position(name, image_id, position, checks)
+        if n is None:
             continue
-        n = position[image_id]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             raw = ds.load_raw(n)
@@ -398,13 +405,13 @@ def _nyud_train_examples(
     checks = []
     for k, ex in enumerate(examples):
         name = f"{stem}/train_example_{k}_{ex['id']}"
-        if ex["id"] not in position:
-            checks.append(Check(name, float("inf"), 0.0, False, "id not in the loader's train split"))
+        n = _position(name, ex["id"], position, checks)
+        if n is None:
             continue
         draw = Draw(bool(ex["flip"]), float(ex["rot"]), float(ex["scale"]))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # alignment warnings are checked on the val samples
-            raw = ds.load_raw(position[ex["id"]])
+            raw = ds.load_raw(n)
             out = transform.apply(raw, draw)
         for key in ["image", *tasks]:
             if key == "normals":

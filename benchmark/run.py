@@ -224,7 +224,7 @@ class RunSpec:
 
     @cached_property
     def meta(self) -> dict[str, Any]:
-        """What a checkpoint records about its run; a resume refuses one that differs in ``engine.RESUME_KEYS``."""
+        """What a checkpoint records about its run; a resume refuses one that differs in ``checkpoints.RESUME_KEYS``."""
         s = self.settings
         return {
             "run_id": self.run_id,
@@ -240,8 +240,8 @@ class RunSpec:
         }
 
     def resume_keys(self) -> dict[str, Any]:
-        """The part of :attr:`meta` a resume compares (``engine.RESUME_KEYS``)."""
-        from benchmark.engine import RESUME_KEYS
+        """The part of :attr:`meta` a resume compares (``checkpoints.RESUME_KEYS``)."""
+        from benchmark.checkpoints import RESUME_KEYS
 
         return {k: self.meta[k] for k in RESUME_KEYS}
 
@@ -564,11 +564,11 @@ def evaluate_checkpoint(spec: RunSpec, setup: Any, checkpoint_data: Any) -> Outc
 
 
 def train(spec: RunSpec, setup: Any, world: int) -> Outcome:
-    from benchmark import engine
+    from benchmark import engine, optim
 
     s = spec.settings
-    iters = engine.steps_per_epoch(len(setup.train_dataset), setup.batch_size, world)
-    setup.schedule = engine.make_schedule(
+    iters = optim.steps_per_epoch(len(setup.train_dataset), setup.batch_size, world)
+    setup.schedule = optim.make_schedule(
         spec.protocol, s.batch_size, iters, s.epochs, peak_lr=s.peak_lr, warmup_epochs=s.warmup_epochs
     )
     try:
@@ -754,31 +754,33 @@ def write_per_image(result_path, run_id, image_ids, blobs, history, entry) -> No
 def load_for_eval(net: Any, path: Path, spec: Any, meta: dict[str, Any] | None = None, data: Any = None) -> None:
     """Load a checkpoint to evaluate (this harness's or the official code's) into ``net`` (``spec``: the method's
     registry entry; ``data``: the file already read)."""
-    from benchmark import engine
+    from benchmark import checkpoints
     from benchmark.checkpoints import read_weights
+    from benchmark.safeload import CheckpointError
 
     # weights-only first; official checkpoints also pickle their yacs config, read as plain data (safeload)
     ckpt = read_weights(path) if data is None else data
     if not isinstance(ckpt, dict):
-        raise engine.CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
-    if engine.is_own_checkpoint(ckpt):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    if checkpoints.is_own_checkpoint(ckpt):
         if ckpt.get("method") not in (None, spec.name):
-            raise engine.CheckpointError(f"{path}: checkpoint of method {ckpt.get('method')!r}, not {spec.name!r}")
+            raise CheckpointError(f"{path}: checkpoint of method {ckpt.get('method')!r}, not {spec.name!r}")
         # settings that change the model: named before the weights are compared (a 64 px checkpoint at 128 px
         # would otherwise be blamed on the frozen weights)
         flags = {"image_size": "--image-size", "backbone": "--preset", "method_config": "--set"}
         for key, flag in flags.items():
             if meta and key in ckpt and key in meta and ckpt[key] != meta[key]:
-                raise engine.CheckpointError(
+                raise CheckpointError(
                     f"{path}: trained with {key.replace('_', ' ')} {ckpt[key]!r}, this evaluation uses "
                     f"{meta[key]!r}; evaluate with the settings it was trained with ({flag})"
                 )
-        engine.load_model_state(net, ckpt, str(path))
+        checkpoints.load_model_state(net, ckpt, str(path))
         return
-    from benchmark.official import load_official_state_dict, refuse_incomplete, required_state_keys
+    from benchmark.checkpoints import refuse_incomplete, required_state_keys
+    from benchmark.official import load_official_state_dict
 
     if not isinstance(ckpt.get("model", ckpt), dict) or not ckpt.get("model", ckpt):
-        raise engine.CheckpointError(f"{path}: holds no weights (expected {{'model': state_dict}} or a state dict)")
+        raise CheckpointError(f"{path}: holds no weights (expected {{'model': state_dict}} or a state dict)")
     report = load_official_state_dict(net, ckpt.get("model", ckpt), source=str(path))
     # evaluating a partly filled model would table a random one: every trained weight and buffer must be given
     refuse_incomplete(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from mmengine.runner import set_random_seed
 
-from benchmark import engine
+from benchmark import checkpoints
 from benchmark.cli import main
 from benchmark.method_api import METHODS
 from benchmark.official import to_official_state_dict
@@ -47,8 +47,8 @@ def _tiny_net(method: str = "mtlora"):
 
 def test_eval_only_reads_an_official_mtlora_checkpoint(trained_mtlora, tmp_path):
     net = _tiny_net()
-    ckpt = engine.read_checkpoint(trained_mtlora / "checkpoints" / "epoch_1.pth")
-    engine.load_model_state(net, ckpt, "epoch_1.pth")
+    ckpt = checkpoints.read_checkpoint(trained_mtlora / "checkpoints" / "epoch_1.pth")
+    checkpoints.load_model_state(net, ckpt, "epoch_1.pth")
     official = to_official_state_dict(net)
     assert any(k.endswith("attn.qkv.linear.weight") for k in official)  # official key names
     # official training checkpoints also pickle their config object: not loadable with weights_only=True

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from benchmark.data_cli import main
-from benchmark.dataset import FILES
+from benchmark.pascal_data import FILES
 from benchmark.synth import make_synthetic_dataset
 
 

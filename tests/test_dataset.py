@@ -14,17 +14,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import benchmark.pascal_data as dataset_mod
-from benchmark.dataset import (
-    FILES,
-    TASKS,
-    DatasetError,
-    DatasetNotFoundError,
-    PascalMT,
-    collate,
-    default_cache_dir,
-    normals_valid_context_ids,
-)
+from benchmark.dataset import DatasetError, DatasetNotFoundError, collate
 from benchmark.parity_data import parity_checks
+from benchmark.pascal_data import FILES, TASKS, PascalMT, default_cache_dir, normals_valid_context_ids
 from benchmark.protocol import PASCAL_CONTEXT
 from benchmark.transforms import build_transforms
 

@@ -385,7 +385,7 @@ def test_eval_only_with_a_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_eval_only_with_another_methods_checkpoint_is_a_clear_error(tmp_path, capsys):
     import torch
 
-    from benchmark.engine import CKPT_FORMAT, CKPT_VERSION
+    from benchmark.checkpoints import CKPT_FORMAT, CKPT_VERSION
 
     ckpt = tmp_path / "lora.pth"
     torch.save({"format": CKPT_FORMAT, "version": CKPT_VERSION, "method": "lora", "model": {}}, ckpt)

@@ -29,7 +29,7 @@ import pytest
 import torch
 from mmengine.optim import OptimWrapper
 
-from benchmark import engine, perf
+from benchmark import checkpoints, engine, optim, perf
 from benchmark.losses import MultiTaskLoss
 from benchmark.method_api import METHODS
 from benchmark.model import MultiTaskModel, model_config_for
@@ -119,7 +119,7 @@ def test_amp_step_of_every_method_has_finite_loss_and_grads_on_exactly_the_train
     net = spec.apply(MultiTaskModel(model_config_for("swin_micro", TASKS, img_size=IMG)), spec.default_config())
     net.to(device).train()
     model = engine.EngineModel(net, MultiTaskLoss(PASCAL_CONTEXT.tasks))
-    optimizer = torch.optim.AdamW(engine.param_groups(net, PASCAL_CONTEXT.weight_decay), lr=1e-4)
+    optimizer = torch.optim.AdamW(optim.param_groups(net, PASCAL_CONTEXT.weight_decay), lr=1e-4)
     wrapper = amp_wrapper(optimizer, device, dtype)
     image, targets = perf.make_batch(2, IMG, torch.device(device))
     params = dict(net.named_parameters())
@@ -264,7 +264,7 @@ def test_kill_after_a_checkpoint_then_resume_ends_with_the_metrics_of_the_uninte
     assert q.returncode == 0, q.stderr[-3000:]
     log = q.stdout + q.stderr
     assert "resumed from" in log and "epoch_1.pth" in log
-    ckpt = engine.read_checkpoint(wd / "checkpoints" / "epoch_2.pth")
+    ckpt = checkpoints.read_checkpoint(wd / "checkpoints" / "epoch_2.pth")
     if device == "cuda":  # the AMP loss scaler travels in the checkpoint (weights_only load)
         assert ckpt["optimizer"]["loss_scaler"]["scale"] > 0
     result = json.loads((wd / "result.json").read_text())
@@ -345,12 +345,14 @@ def evaluate_checkpoint(ckpt: Path | None, data: Path, device: str, work_dir: Pa
     of ``ckpt`` on ``device``, in fp32 as every evaluation; returns (metrics, the recording meters)."""
     from mmengine.runner import set_random_seed
 
-    from benchmark.dataset import PascalMT, build_transforms, collate
+    from benchmark.dataset import collate
     from benchmark.metrics import build_meters
+    from benchmark.pascal_data import PascalMT
     from benchmark.presets import PRESETS, resolve
     from benchmark.run import build_net
     from benchmark.run import load_for_eval as _load_for_eval
     from benchmark.run import model_config as _model_config
+    from benchmark.transforms import build_transforms
 
     spec = METHODS.get("mtlora")
     settings = resolve(PASCAL_CONTEXT, PRESETS["tiny"], int(EPOCHS))

@@ -87,7 +87,7 @@ def test_paper_run_bad_input_is_one_message_and_exit_2(case, match, tmp_path, ca
 
 
 def test_paper_data_repeats_generated_images_under_new_ids(tmp_path):
-    from benchmark.dataset import PascalMT
+    from benchmark.pascal_data import PascalMT
 
     root = tmp_path / "data"
     assert gpu_report.main(["paper-data", str(root), "--train", "5", "--val", "3", "--unique", "2"]) == 0

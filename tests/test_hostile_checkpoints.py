@@ -202,7 +202,8 @@ def test_eval_refuses_a_checkpoint_that_fits_almost_nothing(tmp_path, capsys):
     code, err = _run(capsys, "--method", "mtlora", "--preset", "tiny", "--eval-only", "--checkpoint", str(path),
                      "--work-dir", str(wd))  # fmt: skip
     assert code == 2, err
-    from benchmark.official import official_to_local_key, required_state_keys
+    from benchmark.checkpoints import required_state_keys
+    from benchmark.official import official_to_local_key
 
     missing = sorted(required_state_keys(net) - {official_to_local_key(k) for k in list(one)[:1]})
     assert f"{path}: {len(missing)} trained parameter(s) or buffer(s) are missing from the file: {missing[0]}" in err
@@ -210,13 +211,18 @@ def test_eval_refuses_a_checkpoint_that_fits_almost_nothing(tmp_path, capsys):
 
 
 def test_eval_refuses_an_own_checkpoint_without_a_buffer(tmp_path, capsys):
-    from benchmark import engine
+    from benchmark import checkpoints
 
     net = _tiny_net("lora")
-    state = engine.trainable_state(net)
+    state = checkpoints.trainable_state(net)
     dropped = next(k for k in state if k.endswith("running_mean"))
     del state[dropped]
-    payload = {"format": engine.CKPT_FORMAT, "version": engine.CKPT_VERSION, "method": "lora", "model": state}
+    payload = {
+        "format": checkpoints.CKPT_FORMAT,
+        "version": checkpoints.CKPT_VERSION,
+        "method": "lora",
+        "model": state,
+    }
     path = tmp_path / "epoch_1.pth"
     torch.save(payload, path)
     code, err = _run(capsys, "--method", "lora", "--preset", "tiny", "--eval-only", "--checkpoint", str(path),

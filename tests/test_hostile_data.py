@@ -23,7 +23,8 @@ from test_data_cli import _copy, _tarball, _url, server  # noqa: F401
 
 from benchmark import data_cli
 from benchmark.data_cli import main, verify_archive
-from benchmark.dataset import FILES, MAX_IMAGE_PIXELS, DatasetError, read_image, read_labelmap, read_split
+from benchmark.dataset import MAX_IMAGE_PIXELS, DatasetError, read_image
+from benchmark.pascal_data import FILES, read_labelmap, read_split
 from benchmark.synth import make_synthetic_dataset
 
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mmengine.runner import set_random_seed
 
-from benchmark import engine
+from benchmark import checkpoints
 from benchmark.cli import SEED_MAX, main
 from benchmark.method_api import METHODS
 from benchmark.presets import PRESETS, resolve
@@ -83,8 +83,8 @@ def test_eval_names_a_checkpoint_trained_at_another_image_size(tmp_path, capsys)
     settings_ = resolve(PASCAL_CONTEXT, PRESETS["tiny"], 1)
     set_random_seed(0)
     net = build_net(spec, spec.default_config(), _model_config(settings_, PASCAL_CONTEXT), None)
-    payload = {"format": engine.CKPT_FORMAT, "version": engine.CKPT_VERSION, "method": "lora", "image_size": 128,
-               "model": engine.trainable_state(net)}  # fmt: skip
+    payload = {"format": checkpoints.CKPT_FORMAT, "version": checkpoints.CKPT_VERSION, "method": "lora", "image_size": 128,
+               "model": checkpoints.trainable_state(net)}  # fmt: skip
     path = tmp_path / "epoch_1.pth"
     torch.save(payload, path)
     code, err = _cli(capsys, "--method", "lora", "--preset", "tiny", "--eval-only", "--checkpoint", str(path),

@@ -11,8 +11,9 @@ import torch
 from conftest import fp32_tolerances
 from torch import nn
 
+from benchmark.backbones import SwinConfig
 from benchmark.method_api import METHODS
-from benchmark.model import MultiTaskModel, SwinConfig, model_config_for
+from benchmark.model import MultiTaskModel, model_config_for
 from methods.mtlora import MTLoRABackbone, MTLoRAConfig, MTLoRALinear, MTLoRAPlusConfig, merged
 
 TASKS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3}

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmark.backbones import SwinBackbone, SwinConfig
 from benchmark.lean_fixtures import LeanError, lean_model_fixture, resize_heads
 from benchmark.method_api import METHODS
-from benchmark.model import MultiTaskModel, SwinBackbone, SwinConfig, model_config_for
+from benchmark.model import MultiTaskModel, model_config_for
 from benchmark.official import (
     CheckpointError,
     build_from_fixture_config,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import engine, run
+from benchmark import checkpoints, run
 from benchmark.cli import build_parser
 from benchmark.protocol import NYUD, PASCAL_CONTEXT
 from benchmark.results import make_run_id
@@ -73,15 +73,15 @@ def test_spec_is_frozen():
 def test_resume_keys_come_from_the_spec_and_refuse_another_run(tmp_path):
     spec = RunSpec.from_args(_args("--seed", "5", "--epochs", "3"), "lora", (), 5)
     keys = spec.resume_keys()
-    assert tuple(keys) == engine.RESUME_KEYS
+    assert tuple(keys) == checkpoints.RESUME_KEYS
     s = spec.settings
     assert keys == {"run_id": spec.run_id, "protocol": "pascal-context.v1", "backbone": s.backbone,
                     "image_size": s.image_size, "seed": 5, "preset": "tiny", "epochs": 3,
                     "batch_size": s.batch_size}  # fmt: skip
-    engine.check_resume_settings(dict(spec.meta), spec.meta, tmp_path / "epoch_1.pth")  # its own: accepted
+    checkpoints.check_resume_settings(dict(spec.meta), spec.meta, tmp_path / "epoch_1.pth")  # its own: accepted
     other = RunSpec.from_args(_args("--seed", "6", "--epochs", "3"), "lora", (), 6)
-    with pytest.raises(engine.ResumeMismatchError, match="seed"):
-        engine.check_resume_settings(dict(other.meta), spec.meta, tmp_path / "epoch_1.pth")
+    with pytest.raises(checkpoints.ResumeMismatchError, match="seed"):
+        checkpoints.check_resume_settings(dict(other.meta), spec.meta, tmp_path / "epoch_1.pth")
 
 
 def test_engine_is_set_up_from_the_spec_and_its_protocol(tmp_path):

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from conftest import fp32_tolerances
 from torch import nn
 
+from benchmark.backbones import SwinConfig
 from benchmark.method_api import METHODS
-from benchmark.model import MultiTaskModel, SwinConfig, model_config_for
+from benchmark.model import MultiTaskModel, model_config_for
 from benchmark.official import build_from_fixture_config, parity_checks
 from benchmark.params import count_parameters
 from benchmark.peft_tools import merge_for_eval

@@ -152,7 +152,7 @@ def paper_data(out: Path, n_train: int, n_val: int, unique: int, seed: int = 0) 
 
 
 def _repeat_split(root: Path, split: str, n: int) -> int:
-    from benchmark.dataset import FILES, SPLIT_FILE
+    from benchmark.pascal_data import FILES, SPLIT_FILE
 
     listing = root / SPLIT_FILE.format(split=split)
     base = listing.read_text().split()
