@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_list(as_json: bool) -> None:
-    from benchmark.run import method_registry
+    from benchmark.method_api import method_registry
 
     registry = method_registry()
     rows = []

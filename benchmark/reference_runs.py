@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--golden", type=Path, default=GOLDEN)
     args = p.parse_args(argv)
     if args.update is not None:
-        from benchmark.run import method_registry
+        from benchmark.method_api import method_registry
 
         registry = method_registry()
         names = args.update or registry.names()

@@ -40,21 +40,7 @@ class UsageError(ValueError):
     """Bad input (a flag, a setting, a file given); printed without a traceback, exit code 2."""
 
 
-# --------------------------------------------------------------------------- the method registry (one place)
-
-
-def method_registry() -> Any:
-    """The registry of methods (the core's; its plug-ins are imported on first use)."""
-    from benchmark.method_api import method_registry as registry
-
-    return registry()
-
-
-def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
-    """``key=value`` overrides applied to a method config."""
-    from benchmark.method_api import apply_overrides as apply
-
-    return apply(cfg, overrides)
+# --------------------------------------------------------------------------- activation checkpointing flags
 
 
 def checkpoint_stages(stages: str | None, n_stages: int) -> bool | frozenset[int]:
@@ -71,6 +57,7 @@ def check_checkpointing(method: str, stages: str | None, n_stages: int) -> bool 
     """The parsed stages; a UsageError when they switch checkpointing on for a method whose registry entry has
     no ``activation_checkpointing``."""
     from benchmark import build
+    from benchmark.method_api import method_registry
 
     value = checkpoint_stages(stages, n_stages)
     try:
@@ -78,39 +65,6 @@ def check_checkpointing(method: str, stages: str | None, n_stages: int) -> bool 
     except ValueError as e:
         raise UsageError(str(e)) from None
     return value
-
-
-# --------------------------------------------------------------------------- the data and meters of a protocol
-
-
-def build_transforms(protocol: Protocol, train: bool, seed: int, image_size: int) -> Any:
-    from benchmark import transforms
-
-    return transforms.build_transforms(protocol, train, seed=seed, image_size=image_size)
-
-
-def open_dataset(protocol: Protocol, root: Path, split: str, transform: Any) -> Any:
-    from benchmark import dataset
-
-    return dataset.open_dataset(protocol, root, split, transform)
-
-
-def synthetic_ready(protocol: Protocol, root: Path) -> bool:
-    from benchmark import dataset
-
-    return dataset.dataset_ready(protocol, root)
-
-
-def make_synthetic(protocol: Protocol, root: Path, n_train: int, n_val: int) -> None:
-    from benchmark import synth
-
-    synth.make_synthetic_dataset(root, n_train, n_val, seed=0, protocol=protocol)
-
-
-def build_meters(protocol: Protocol) -> dict[str, Any]:
-    from benchmark import metrics
-
-    return metrics.build_meters(protocol.tasks)
 
 
 # --------------------------------------------------------------------------- the specification
@@ -184,6 +138,8 @@ class RunSpec:
     ) -> RunSpec:
         """The method's default config with ``overrides`` applied; ``options``: the other fields. Without an
         ``amp_dtype`` the protocol's ``amp`` decides (float16 autocast on CUDA, or fp32)."""
+        from benchmark.method_api import apply_overrides, method_registry
+
         config = apply_overrides(method_registry().get(method).default_config(), overrides)
         options.setdefault("amp_dtype", "float16" if protocol.amp else None)
         return cls(protocol, method, tuple(overrides), config, seed, settings, **options)
@@ -207,6 +163,8 @@ class RunSpec:
 
     @cached_property
     def method_spec(self) -> Any:
+        from benchmark.method_api import method_registry
+
         return method_registry().get(self.method)
 
     @cached_property
@@ -476,22 +434,30 @@ def _barrier() -> None:
 
 def prepare_data(spec: RunSpec, rank: int) -> Path:
     """The dataset root: --data, or data generated once in the run's folder."""
+    from benchmark.dataset import dataset_ready
+    from benchmark.synth import make_synthetic_dataset
+
     if spec.data is not None:
         return spec.data
     root = spec.run_dir / "synthetic_data"
-    if rank == 0 and not synthetic_ready(spec.protocol, root):
-        make_synthetic(spec.protocol, root, spec.settings.synthetic_train, spec.settings.synthetic_val)
+    if rank == 0 and not dataset_ready(spec.protocol, root):
+        s = spec.settings
+        make_synthetic_dataset(root, s.synthetic_train, s.synthetic_val, seed=0, protocol=spec.protocol)
     _barrier()
     return root
 
 
 def open_datasets(spec: RunSpec, root: Path) -> tuple[Any, Any]:
     """(validation, training) datasets; no training set for an evaluation."""
+    from benchmark.dataset import open_dataset
+    from benchmark.transforms import build_transforms
+
     p, size = spec.protocol, spec.settings.image_size
-    val = open_dataset(p, root, p.val_split, build_transforms(p, False, spec.seed, size))
+    val = open_dataset(p, root, p.val_split, build_transforms(p, False, seed=spec.seed, image_size=size))
     if spec.eval_only:
         return val, None
-    return val, open_dataset(p, root, p.train_split, build_transforms(p, True, spec.seed, size))
+    train = build_transforms(p, True, seed=spec.seed, image_size=size)
+    return val, open_dataset(p, root, p.train_split, train)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -516,6 +482,7 @@ def engine_setup(protocol: Protocol, **fields: Any) -> Any:
 def setup_for(spec: RunSpec, procs: Processes, net: Any, val_ds: Any, train_ds: Any) -> Any:
     from benchmark.dataset import collate
     from benchmark.losses import MultiTaskLoss
+    from benchmark.metrics import build_meters
 
     s = spec.settings
     per_proc_batch = s.batch_size // procs.world
@@ -523,7 +490,7 @@ def setup_for(spec: RunSpec, procs: Processes, net: Any, val_ds: Any, train_ds: 
         spec.protocol,
         net=net,
         loss_fn=MultiTaskLoss(spec.protocol.tasks),
-        meters=build_meters(spec.protocol),
+        meters=build_meters(spec.protocol.tasks),
         work_dir=spec.run_dir,
         seed=spec.seed,
         device=procs.device,

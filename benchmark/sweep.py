@@ -144,7 +144,8 @@ def expand_grid(
     import dataclasses
     import difflib
 
-    from benchmark.run import RunSpec, apply_overrides, method_registry, resolve_settings
+    from benchmark.method_api import apply_overrides, method_registry
+    from benchmark.run import RunSpec, resolve_settings
 
     registry = method_registry()
     settings = settings or resolve_settings(protocol, "paper")

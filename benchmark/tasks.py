@@ -18,12 +18,25 @@ Adding a task kind: a subclass here plus one line in ``TASK_KINDS``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Generator, Tensor
 
+from benchmark.losses import balanced_bce, cross_entropy_ignore, depth_l1, normals_l1
+from benchmark.metrics import (
+    DepthMeter,
+    Meter,
+    NormalsMeter,
+    SaliencyMeter,
+    SegmentationMeter,
+    argmax_labels,
+    normals_255,
+    saliency_255,
+)
 from benchmark.protocol import TaskSpec
 from benchmark.registry import Registry
 
@@ -66,12 +79,6 @@ def zero_length(channels: Sequence[np.ndarray]) -> np.ndarray:
     sq += channels[2] ** 2
     # The official test is sqrt(sq) == 0; a sum of squares is never negative, so that is sq == 0.
     return sq == 0
-
-
-if TYPE_CHECKING:
-    from torch import Generator, Tensor
-
-    from benchmark.metrics import Meter
 
 
 class TaskKind:
@@ -132,8 +139,8 @@ class TaskKind:
 
     # ---------------------------------------------------------------------------------------------------------
     # compute side (loss, post-processing, meter)
-    # The implementations live in benchmark.losses / benchmark.metrics (imported lazily: torch stays out of
-    # ``import benchmark.tasks`` until a kind computes something); a kind only points at them.
+    # The implementations live in benchmark.losses / benchmark.metrics; a kind only points at them (those modules
+    # reach the kinds through a function-level import, so there is no import cycle).
 
     # metrics besides the primary one that the golden reference runs pin (benchmark.reference_runs)
     checked_metrics: ClassVar[tuple[str, ...]] = ()
@@ -163,8 +170,6 @@ def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
 
 def _class_labels(classes: int, batch: int, size: int | tuple[int, int], generator: Generator) -> Tensor:
     """Class indices in [0, classes) as float32 [B, 1, H, W], about 5 % of the pixels 255 (ignore)."""
-    import torch
-
     shape = (batch, 1, *_hw(size))
     y = torch.randint(0, classes, shape, generator=generator).float()
     return y.masked_fill(torch.rand(shape, generator=generator) < 0.05, 255.0)
@@ -176,18 +181,12 @@ class _ClassMapKind(TaskKind):
     exact_counts = True
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        from benchmark.losses import cross_entropy_ignore
-
         return cross_entropy_ignore(pred, target)
 
     def postprocess(self, logits: Tensor) -> Tensor:
-        from benchmark.metrics import argmax_labels
-
         return argmax_labels(logits)
 
     def meter(self, spec: TaskSpec) -> Meter:
-        from benchmark.metrics import SegmentationMeter
-
         return SegmentationMeter(spec.name, spec.out_channels)
 
     def random_target(self, spec: TaskSpec, batch: int, size: int | tuple[int, int], generator: Generator) -> Tensor:
@@ -224,23 +223,15 @@ class SaliencyKind(TaskKind):
     checked_metrics = ("maxF",)
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        from benchmark.losses import balanced_bce
-
         return balanced_bce(pred, target)
 
     def postprocess(self, logits: Tensor) -> Tensor:
-        from benchmark.metrics import saliency_255
-
         return saliency_255(logits)
 
     def meter(self, spec: TaskSpec) -> Meter:
-        from benchmark.metrics import SaliencyMeter
-
         return SaliencyMeter(spec.name)
 
     def random_target(self, spec: TaskSpec, batch: int, size: int | tuple[int, int], generator: Generator) -> Tensor:
-        import torch
-
         return (torch.rand(batch, 1, *_hw(size), generator=generator) > 0.5).float()
 
 
@@ -319,25 +310,16 @@ class NormalsKind(TaskKind):
     # -- compute side
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        from benchmark.losses import normals_l1
-
         return normals_l1(pred, target)
 
     def postprocess(self, logits: Tensor) -> Tensor:
-        from benchmark.metrics import normals_255
-
         return normals_255(logits)
 
     def meter(self, spec: TaskSpec) -> Meter:
-        from benchmark.metrics import NormalsMeter
-
         return NormalsMeter(spec.name)
 
     def random_target(self, spec: TaskSpec, batch: int, size: int | tuple[int, int], generator: Generator) -> Tensor:
         """Unit vectors, about 10 % of the pixels 255 in all three channels (ignore)."""
-        import torch
-        import torch.nn.functional as F
-
         h, w = _hw(size)
         normals = F.normalize(torch.randn(batch, 3, h, w, generator=generator), dim=1)
         invalid = (torch.rand(batch, 1, h, w, generator=generator) < 0.1).expand_as(normals)
@@ -362,22 +344,16 @@ class DepthKind(TaskKind):
     # -- compute side
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        from benchmark.losses import depth_l1
-
         return depth_l1(pred, target)
 
     def postprocess(self, logits: Tensor) -> Tensor:
         return logits  # official get_output: identity (no activation, no clamp)
 
     def meter(self, spec: TaskSpec) -> Meter:
-        from benchmark.metrics import DepthMeter
-
         return DepthMeter(spec.name)
 
     def random_target(self, spec: TaskSpec, batch: int, size: int | tuple[int, int], generator: Generator) -> Tensor:
         """Depths in metres in [0.5, 10), about 10 % of the pixels 255 (missing)."""
-        import torch
-
         shape = (batch, 1, *_hw(size))
         depth = 0.5 + 9.5 * torch.rand(shape, generator=generator)
         return depth.masked_fill(torch.rand(shape, generator=generator) < 0.1, 255.0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import checkpoints, run
+from benchmark import checkpoints, method_api, run
 from benchmark.cli import build_parser
 from benchmark.protocol import NYUD, PASCAL_CONTEXT
 from benchmark.results import make_run_id
@@ -20,15 +20,15 @@ def _args(*extra: str):
     return build_parser().parse_args(["--method", "lora", "--preset", "tiny", *extra])
 
 
-def _counting(monkeypatch, name: str) -> list[int]:
+def _counting(monkeypatch, name: str, module=run) -> list[int]:
     calls: list[int] = []
-    real = getattr(run, name)
+    real = getattr(module, name)
 
     def counted(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(run, name, counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -57,7 +57,7 @@ def test_run_id_config_and_meta_are_computed_once(monkeypatch):
 
 
 def test_overrides_are_applied_once_per_config_in_a_sweep(monkeypatch):
-    applied = _counting(monkeypatch, "apply_overrides")
+    applied = _counting(monkeypatch, "apply_overrides", method_api)
     grid = expand_grid(["lora"], ["rank=4,8"], [0, 1, 2], PASCAL_CONTEXT)
     assert len(grid) == 6 and len({p.run_id for p in grid}) == 6
     assert len(applied) == 2  # once per config, not per seed
@@ -121,8 +121,8 @@ def test_a_preset_value_declared_for_one_protocol_applies_to_that_protocol_only(
 
 
 def test_the_protocol_reaches_data_transforms_synthetic_data_and_meters(monkeypatch, tmp_path):
-    """Each protocol-driven API is called from one function of benchmark/run.py with the run's protocol (fakes of
-    the APIs' signatures stand in for the data and compute modules)."""
+    """The run's protocol reaches the synthetic data, the transforms, the loader and the meters (fakes of the APIs'
+    signatures stand in for the data and compute modules)."""
     import benchmark.dataset
     import benchmark.metrics
     import benchmark.synth
@@ -154,8 +154,10 @@ def test_the_protocol_reaches_data_transforms_synthetic_data_and_meters(monkeypa
     spec = RunSpec.from_args(_args("--protocol", "nyud", "--preset", "smoke", "--seed", "2", "--work-dir", str(tmp_path)),
                              "lora")  # fmt: skip
     root = run.prepare_data(spec, rank=0)
-    assert run.open_datasets(spec, root) == ("val", "train")
-    run.build_meters(spec.protocol)
+    val, train = run.open_datasets(spec, root)
+    assert (val, train) == ("val", "train")
+    setup = run.setup_for(spec, run.Processes("cpu"), None, val, train)
+    assert setup.protocol is spec.protocol and setup.tasks == ("semseg", "depth", "normals")
     s = spec.settings
     assert calls == [
         ("synth", "nyud", tmp_path / "synthetic_data", s.synthetic_train, s.synthetic_val),
