@@ -7,7 +7,8 @@ Each data source (file layout, label files) is one module registered in ``DATASE
 - ``nyud_mt``: ``benchmark.nyud_data`` (NYUDv2 multi-task, class ``NYUDMT``).
 
 A data-source module provides ``DATASET`` (a :class:`MultiTaskDataset` subclass built as
-``DATASET(root, split, tasks, transform, **options)``), ``LAYOUT`` (the folder it expects, in words),
+``DATASET(root, split, tasks, transform, **options)``), ``LAYOUT`` (the folder it expects, in words), ``OBTAIN``
+(how a user gets the real data, in words),
 ``check_label(root, task, image_id, shape)`` and ``image_path(root, image_id)`` (for :func:`check_dataset`),
 ``read_split(root, split)`` and ``SPLIT_FILE``, and ``make_synthetic(out, n_train, n_val, seed, protocol, **options)``
 (``benchmark-data synth``). Callers go through :func:`open_dataset`, :func:`check_dataset`, :func:`dataset_ready`

@@ -287,6 +287,10 @@ class NYUDMT(MultiTaskDataset):
 
 
 DATASET = NYUDMT
+OBTAIN = (
+    "the NYUD_MT folder of the MTLoRA code family (795 train / 654 val images); `benchmark-data fetch` downloads "
+    "PASCAL_MT only; check a folder with `benchmark-data check --protocol nyud DIR`"
+)
 
 
 def check_label(root: Path, task: str, image_id: str, shape: tuple[int, int]) -> None:

@@ -532,6 +532,7 @@ class PascalMT(MultiTaskDataset):
 
 
 DATASET = PascalMT
+OBTAIN = "download and check it with `benchmark-data fetch --dest DIR`"
 
 
 # ---------------------------------------------------------------------------------------------------------------

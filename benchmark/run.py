@@ -306,8 +306,11 @@ def check_data(spec: RunSpec) -> None:
     if spec.data is not None and not spec.data.is_dir():
         raise FileNotFoundError(f"--data {spec.data}: dataset folder not found")
     if spec.data is None and not spec.settings.synthetic_train:
+        from benchmark.dataset import data_source
+
         raise UsageError(
-            f"--data DIR is required with --preset {spec.settings.preset} (download with `benchmark-data fetch`)"
+            f"--data DIR is required with --preset {spec.settings.preset} for protocol {spec.protocol.name} "
+            f"({data_source(spec.protocol).OBTAIN})"
         )
 
 

@@ -171,7 +171,11 @@ def test_list_shows_methods_with_fields():
         (["--method", "mtlroa", "--dry-run"], "unknown method 'mtlroa'; did you mean mtlora"),
         (["--method", "lora", "--set", "rnak=8", "--dry-run"], "did you mean rank"),
         (["--method", "lora", "--set", "rank=eight", "--dry-run"], "expected an integer"),
-        (["--method", "full_ft", "--preset", "paper"], "--data DIR is required"),
+        (
+            ["--method", "full_ft", "--preset", "paper"],
+            "--data DIR is required with --preset paper for protocol "
+            "pascal-context (download and check it with `benchmark-data fetch",
+        ),
         (["--method", "full_ft", "--preset", "tiny", "--data", "/nonexistent/PASCAL_MT"], "dataset folder not found"),
         (["--method", "full_ft", "--pretrained", "/nonexistent/swin.pth", "--dry-run"], "file not found"),
         (["--method", "full_ft", "--image-size", "100", "--dry-run"], "image size 100"),
@@ -184,6 +188,11 @@ def test_list_shows_methods_with_fields():
             "it is available for the methods mtlora",
         ),
         (["--method", "lora", "--protocol", "nyd", "--dry-run"], "unknown protocol 'nyd'; known: ['nyud'"),
+        (
+            ["--method", "full_ft", "--preset", "paper", "--protocol", "nyud"],
+            "`benchmark-data fetch` downloads "
+            "PASCAL_MT only; check a folder with `benchmark-data check --protocol nyud DIR`",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(args, expected, tmp_path, capsys):
